@@ -1,0 +1,55 @@
+"""What every stage's command line shares: one-line errors with exit code 2, and joining or
+starting Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not usage plus error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_main(prog: str, body: Callable[[], int | None]) -> None:
+    """Run a stage's main body; a user error (ValueError) ends as one line and exit code 2."""
+    try:
+        code = body()
+    except ValueError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS); without either, start a local Ray.
+
+    A bare ray.init() would attach to whatever cluster the last `ray start` recorded, even a
+    dead one, so a local run asks for address="local" explicitly. If this process already
+    runs Ray (tests, or a stage called from another stage), that instance is used.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            context = ray.init(address=address, logging_level="WARNING")
+        else:
+            context = ray.init(address="local", logging_level="WARNING")
+    except (ConnectionError, RuntimeError) as exc:
+        where = address or "a new local instance"
+        raise ValueError(f"cannot start or reach Ray at {where}: {exc}") from exc
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        print(f"Ray dashboard: http://{url}", file=sys.stderr)
