@@ -42,6 +42,8 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "auto":
+        _check_reachable(address)
     try:
         if address:
             context = ray.init(address=address, logging_level="WARNING")
@@ -53,3 +55,20 @@ def init_ray(address: str | None = None) -> None:
     url = getattr(context, "dashboard_url", None)
     if url:
         print(f"Ray dashboard: http://{url}", file=sys.stderr)
+
+
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not minutes: ray.init retries an address that does not answer for a
+    long time while logging to stderr."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address!r} must be HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"cannot start or reach Ray at {address}: nothing answers there ({exc}); "
+                         "start a cluster with `ray start --head` or leave --address out "
+                         "for a local Ray") from None

@@ -1,0 +1,205 @@
+"""raypd.generate: samples as a pure function of (seed, id), the Ray Data pipeline, the
+Parquet and manifest contract, atomic publish and resume, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raypd import ode
+from raypd.config import DataConfig, to_dict
+from raypd.generate import MANIFEST, content_hash, generate, generate_samples, row_digests
+from tests.conftest import REPO, run_cli, snapshot
+
+
+def read_rows(folder):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    tables = [pq.read_table(folder / f["path"]) for f in manifest["files"]]
+    return manifest, tables
+
+
+# --------------------------------------------------------------------------- pure function
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_sample_depends_only_on_seed_and_id(n):
+    cfg = DataConfig(n_actions=n, samples=20, seed=7)
+    all_, draws = generate_samples(cfg, np.arange(0, 12))
+    part, _ = generate_samples(cfg, np.array([9, 3, 4]))
+    for key in ("params", "ic", "series"):
+        assert np.array_equal(part[key], all_[key][[9, 3, 4]])
+    assert draws >= 12
+    other, _ = generate_samples(DataConfig(n_actions=n, samples=20, seed=8), np.arange(0, 12))
+    assert not np.array_equal(other["params"], all_["params"])
+
+
+def test_kept_samples_pass_the_filter_and_match_their_own_solution():
+    cfg = DataConfig(n_actions=2, samples=10, seed=3)
+    cols, draws = generate_samples(cfg, np.arange(10))
+    n_p = ode.num_params(2)
+    assert ode.is_stable(ode.Params.unpack(cols["params"], 2)).all()
+    assert draws > 10  # n=2 keeps about a third of the draws
+    series, ok = ode.solve(cols["params"], cols["ic"], cfg.times(), 2, cfg.rtol, cfg.atol)
+    assert ok.all() and np.array_equal(series.astype(np.float32), cols["series"])
+    lo, hi = cfg.bounds()
+    values = np.concatenate([cols["params"], cols["ic"]], axis=1)
+    assert ((values >= lo) & (values <= hi)).all()
+    assert cols["params"].shape == (10, n_p) and cols["series"].dtype == np.float32
+
+
+def test_fixed_mu_is_exactly_zero():
+    cols, _ = generate_samples(DataConfig(samples=5, mu_range=(0.0, 0.0)), np.arange(5))
+    assert (cols["params"][:, 1] == 0.0).all()
+
+
+# --------------------------------------------------------------------------- on Ray Data
+
+
+def test_dataset_is_identical_whatever_the_block_size(ray_local, tmp_path):
+    cfg = DataConfig(n_actions=2, samples=37, seed=11)
+    hashes = []
+    for block_size in (5, 16, 64):
+        manifest = generate(cfg, tmp_path / f"b{block_size}", block_size=block_size, progress=False)
+        hashes.append(manifest["content_hash"])
+        assert len(manifest["files"]) == -(-37 // block_size)
+    assert len(set(hashes)) == 1
+    # and the hash is that of the rows themselves, generated without Ray
+    cols, _ = generate_samples(cfg, np.arange(37))
+    assert hashes[0] == content_hash(row_digests(cols))
+
+
+def test_parquet_and_manifest_contract(ray_local, tmp_path):
+    cfg = DataConfig(n_actions=1, samples=30, seed=5, mu_range=(0.0, 0.0), time_points=51,
+                     time_span=(0.0, 50.0))
+    out = tmp_path / "ds"
+    manifest = generate(cfg, out, block_size=8, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [f["path"] for f in manifest["files"]])
+    assert not list(tmp_path.glob(".*staging*"))
+    for key in ("n_actions", "samples", "seed", "ranges", "time_points", "series_shape",
+                "content_hash", "raypd_version"):
+        assert key in manifest
+    assert manifest["series_shape"] == [2, 51] and manifest["time_points"][-1] == 50.0
+    assert manifest["ranges"]["mu_range"] == [0.0, 0.0] and manifest["settings"] == to_dict(cfg)
+    _, tables = read_rows(out)
+    table = tables[0]
+    assert str(table.schema.field("sample_id").type) == "int64"
+    assert str(table.schema.field("params").type) == "list<element: double>"
+    assert str(table.schema.field("ic").type) == "list<element: double>"
+    assert str(table.schema.field("series").type) == "list<element: float>"
+    ids = np.concatenate([t.column("sample_id").to_numpy() for t in tables])
+    assert np.array_equal(ids, np.arange(30))
+    series = np.concatenate([np.stack(t.column("series").to_numpy(zero_copy_only=False)) for t in tables])
+    assert series.shape == (30, 2 * 51) and np.isfinite(series).all()
+    # row-major (channel, time): channel 1 is a = max(m, 0) >= 0, channel 0 is u >= mu = 0
+    cols, _ = generate_samples(cfg, np.arange(30))
+    assert np.array_equal(series, cols["series"].reshape(30, -1))
+
+
+def test_existing_same_dataset_returns_at_once_and_different_one_is_refused(ray_local, tmp_path):
+    cfg = DataConfig(samples=12, seed=1)
+    out = tmp_path / "ds"
+    first = generate(cfg, out, progress=False)
+    before = snapshot(tmp_path)
+    start = time.perf_counter()
+    again = generate(cfg, out, progress=False)
+    assert again == first and time.perf_counter() - start < 1.0
+    with pytest.raises(ValueError, match="already holds a different dataset .*samples"):
+        generate(DataConfig(samples=13, seed=1), out, progress=False)
+    assert snapshot(tmp_path) == before
+
+
+def test_too_few_stable_draws_is_a_clear_error(ray_local, tmp_path):
+    # Pi and Gamma diagonals tiny, off-diagonals strongly reinforcing: nothing is stable
+    cfg = DataConfig(n_actions=2, samples=4, pi_diag_range=(0.1, 0.1), gamma_diag_range=(0.1, 0.1),
+                     gamma_offdiag_range=(-3.0, -3.0), pi_offdiag_range=(-3.0, -3.0),
+                     g_range=(0.0, 0.0))
+    with pytest.raises(ValueError, match="no draw in 20000 tries .* passes the stability filter"):
+        generate(cfg, tmp_path / "ds", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # the per-sample limit inside the blocks stops just as clearly (without the probe)
+    with pytest.raises(ValueError, match="found no stable, bounded draw in 20000 tries"):
+        generate_samples(cfg, np.arange(1))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "0"], "samples must be >= 1"),
+    (["--samples", "-3"], "samples must be >= 1"),
+    (["--samples", "many"], "argument --samples: invalid int value"),
+    (["--n-actions", "0"], "n_actions must be 1, 2 or 3"),
+    (["--n-actions", "4"], "n_actions must be 1, 2 or 3"),
+    (["--mu-range", "1", "0"], "mu_range must have LOW <= HIGH"),
+    (["--mu-range", "0"], "argument --mu-range: expected 2 arguments"),
+    (["--g-range", "0", "nan"], "g_range must be two finite numbers"),
+    (["--pi-diag-range", "-1", "1"], "pi_diag_range must be > 0"),
+    (["--time-points", "1"], "time_points must be >= 2"),
+    (["--time-span", "5", "5"], "time_span must be T0 < T1"),
+    (["--time-span", "10", "0"], "time_span must be T0 < T1"),
+    (["--seed", "-1"], "seed must be >= 0"),
+    (["--block-size", "0"], "block_size must be >= 1"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--out", "{file}"], "is a file; it must be a folder"),
+    (["--out", "{foreign}"], "is a non-empty folder without manifest.json"),
+    (["--out", "{other}", "--samples", "6"], "already holds a different dataset (differs in: samples)"),
+    (["--pi-diag-range", "0.1", "0.1", "--gamma-diag-range", "0.1", "0.1", "--g-range", "0", "0",
+      "--gamma-offdiag-range", "-3", "-3", "--pi-offdiag-range", "-3", "-3", "--n-actions", "2"],
+     "no draw in 20000 tries from these sampling ranges passes the stability filter"),
+    (["--address", "127.0.0.1:1"], "cannot start or reach Ray at 127.0.0.1:1"),
+])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, args, message):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / MANIFEST).write_text(json.dumps({"settings": to_dict(DataConfig(samples=5))}))
+    args = [a.format(file=tmp_path / "file", foreign=tmp_path / "foreign", other=tmp_path / "other")
+            for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "new")]
+    if "--samples" not in args:
+        args += ["--samples", "5"]
+    before = snapshot(tmp_path)
+    result = run_cli("raypd.generate", *args, "--no-progress", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert lines[0].startswith(("raypd.generate: error:", "python -m raypd.generate: error:"))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_interrupted_run_publishes_nothing_and_rerun_completes(tmp_path):
+    """SIGKILL the CLI once some blocks are in staging; the same command then finishes, reusing
+    them, with the content_hash of an uninterrupted run."""
+    out = tmp_path / "ds"
+    args = ["raypd.generate", "--n-actions", "2", "--samples", "800", "--seed", "3",
+            "--block-size", "80", "--out", str(out), "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    staging = tmp_path / ".ds.staging"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(staging.glob("part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Ray it started
+    proc.wait()
+    done_before = len(list(staging.glob("part-*.parquet")))
+    assert 2 <= done_before < 10, done_before
+    assert not out.exists()
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    manifest, tables = read_rows(out)
+    ids = np.concatenate([t.column("sample_id").to_numpy() for t in tables])
+    assert np.array_equal(ids, np.arange(800))  # no sample twice, none missing
+    cfg = DataConfig(n_actions=2, samples=800, seed=3)
+    cols, _ = generate_samples(cfg, np.arange(800))
+    assert manifest["content_hash"] == content_hash(row_digests(cols))
