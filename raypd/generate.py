@@ -30,7 +30,15 @@ from raypd.cli import ArgumentParser, init_ray, run_main
 from raypd.config import RANGE_FIELDS, DataConfig, from_dict, to_dict
 
 MANIFEST = "manifest.json"
-DEFAULT_BLOCK_SIZE = 2048
+# Blocks: at least 8 (so that every core of a small machine stays busy) and at most 8192
+# samples (a block's solver state stays below ~100 MB). Larger blocks amortise the solver's
+# fixed cost per block: the slowest trajectory sets its number of steps.
+MAX_BLOCK_SIZE = 8192
+
+
+def default_block_size(samples: int) -> int:
+    return min(MAX_BLOCK_SIZE, max(256, -(-samples // 8)))
+
 # A sample that finds no stable, bounded draw in this many tries means the sampling ranges
 # (almost) never give one: stop with a clear error instead of looping forever.
 MAX_DRAWS_PER_SAMPLE = 20_000
@@ -51,54 +59,56 @@ def generate_samples(config: DataConfig, sample_ids: np.ndarray) -> tuple[dict[s
     """Draw, filter and solve the samples `sample_ids`.
 
     Returns the columns (sample_id, params, ic, series float32 (B, 2n, T)) and the number of
-    draws it took. Each sample consumes its stream in order, one draw (2n + 2n² + 2n uniforms)
-    at a time; drawing several per round only batches the work.
+    draws it took. Each sample consumes its own stream in order, one draw (2n + 2n² + 2n
+    uniforms) at a time, and keeps its first draw that passes the stability filter and stays
+    bounded; drawing several per round only batches the work.
     """
     n = config.n_actions
     n_p = ode.num_params(n)
     lo, hi = config.bounds()
     width = lo.size
-    times = config.times()
     per_round = _DRAWS_PER_ROUND.get(n, 96)
 
     ids = np.asarray(sample_ids, dtype=np.int64)
     streams = [sample_stream(config.seed, int(i)) for i in ids]
     unused = [np.empty((0, width)) for _ in ids]  # drawn but not yet tried, in stream order
     draws = np.zeros(ids.size, dtype=np.int64)
-    params = np.empty((ids.size, n_p))
-    ic = np.empty((ids.size, lo.size - n_p))
-    series = np.empty((ids.size, 2 * n, times.size), dtype=np.float32)
+    chosen = np.empty((ids.size, width))
 
-    pending = np.arange(ids.size)
-    while pending.size:
-        uniforms = np.stack([
-            np.concatenate([unused[r], streams[r].random((per_round - len(unused[r]), width))])
-            for r in pending
-        ])
-        values = lo + (hi - lo) * uniforms  # (pending, per_round, width)
-        stable = ode.is_stable(ode.Params.unpack(values.reshape(-1, width)[:, :n_p], n))
-        stable = stable.reshape(pending.size, per_round)
-        found = stable.any(axis=1)
-        first = stable.argmax(axis=1)
-        # Draws up to and including the first stable one are used up; later ones wait.
-        draws[pending] += np.where(found, first + 1, per_round)
-        for row, r in enumerate(pending):
-            unused[r] = uniforms[row, first[row] + 1:] if found[row] else uniforms[row, :0]
-        chosen = pending[found]
-        candidate = values[found, first[found]]
-        solved, ok = ode.solve(candidate[:, :n_p], candidate[:, n_p:], times, n,
-                               rtol=config.rtol, atol=config.atol)
-        done = chosen[ok]
-        params[done], ic[done] = candidate[ok, :n_p], candidate[ok, n_p:]
-        series[done] = solved[ok]
-        pending = np.setdiff1d(pending, done)
-        if pending.size and draws[pending].max() > MAX_DRAWS_PER_SAMPLE:
-            raise ValueError(
-                f"sample {int(ids[pending[draws[pending].argmax()]])} found no stable, bounded "
-                f"draw in {MAX_DRAWS_PER_SAMPLE} tries: the sampling ranges give (almost) only "
-                "unstable or diverging systems; widen or move them")
-    assert np.isfinite(series).all()
-    return {"sample_id": ids, "params": params, "ic": ic, "series": series}, int(draws.sum())
+    def next_stable(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's next draw that passes the stability filter."""
+        pending = np.asarray(rows)
+        while pending.size:
+            worst = pending[draws[pending].argmax()]
+            if draws[worst] >= MAX_DRAWS_PER_SAMPLE:
+                raise ValueError(
+                    f"sample {int(ids[worst])} found no stable, bounded draw in "
+                    f"{MAX_DRAWS_PER_SAMPLE} tries: the sampling ranges give (almost) only "
+                    "unstable or diverging systems; widen or move them")
+            uniforms = np.stack([
+                np.concatenate([unused[r], streams[r].random((per_round - len(unused[r]), width))])
+                for r in pending
+            ])
+            values = lo + (hi - lo) * uniforms  # (pending, per_round, width)
+            stable = ode.is_stable(ode.Params.unpack(values.reshape(-1, width)[:, :n_p], n))
+            stable = stable.reshape(pending.size, per_round)
+            found = stable.any(axis=1)
+            first = stable.argmax(axis=1)
+            # Draws up to and including the first stable one are used up; later ones wait.
+            draws[pending] += np.where(found, first + 1, per_round)
+            for row, r in enumerate(pending):
+                unused[r] = uniforms[row, first[row] + 1 :] if found[row] else uniforms[row, :0]
+            chosen[pending[found]] = values[found, first[found]]
+            pending = pending[~found]
+        return chosen[rows, :n_p], chosen[rows, n_p:]
+
+    # A draw that diverges is replaced inside the solver's loop by the row's next stable draw.
+    series, ok = ode.solve(*next_stable(np.arange(ids.size)), config.times(), n,
+                           rtol=config.rtol, atol=config.atol, refill=next_stable)
+    assert ok.all() and np.isfinite(series).all()
+    columns = {"sample_id": ids, "params": chosen[:, :n_p], "ic": chosen[:, n_p:],
+               "series": series.astype(np.float32)}
+    return columns, int(draws.sum())
 
 
 def check_feasible(config: DataConfig, tries: int = 20_000) -> None:
@@ -187,7 +197,7 @@ def _write_blocks(batch: dict, config: dict, staging: str, plan: list) -> dict:
         columns, draws = generate_samples(cfg, np.arange(first, first + count))
         digests = row_digests(columns)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        pq.write_table(to_table(columns), tmp)
+        pq.write_table(to_table(columns), tmp, compression="zstd")  # smaller and faster than snappy here
         digest_path.write_bytes(digests)
         digest_path.with_suffix(".json").write_text(json.dumps({"draws": draws}))
         os.replace(tmp, path)  # last: the Parquet file's presence marks the block done
@@ -231,11 +241,12 @@ def check_out_dir(config: DataConfig, out: Path) -> dict | None:
     return manifest
 
 
-def generate(config: DataConfig, out: str | os.PathLike, block_size: int = DEFAULT_BLOCK_SIZE,
+def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None = None,
              address: str | None = None, progress: bool = True) -> dict:
     """Generate the dataset `config` into folder `out` (if it is not there yet); return its
     manifest. Joins the Ray cluster at `address`/$RAY_ADDRESS or starts local Ray."""
     config.validate()
+    block_size = default_block_size(config.samples) if block_size is None else block_size
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1 (got {block_size})")
     out = Path(out).absolute()
@@ -370,8 +381,9 @@ def _parser() -> ArgumentParser:
                    help="number of evenly spaced observation times T (default %(default)s)")
     p.add_argument("--out", help="dataset folder (default runs/data/<name from the settings>)")
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a new local Ray)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
-                   help="samples per Ray Data block and Parquet file (default %(default)s)")
+    p.add_argument("--block-size", type=int,
+                   help="samples per Ray Data block and Parquet file (default: samples/8, "
+                        f"between 256 and {MAX_BLOCK_SIZE}); the dataset does not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

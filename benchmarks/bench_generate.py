@@ -1,0 +1,156 @@
+"""Generation speed: raypd.generate end to end on Ray Data against a seed-style baseline, in
+one run on this machine.
+
+    python benchmarks/bench_generate.py                 # n=1 (50,000 samples) and n=3
+    python benchmarks/bench_generate.py --memory        # also 1,000,000 n=1 samples, peak RSS
+
+(a) baseline, as the seed's package generates: per sample, draw until the stability filter
+    (called on that one draw) passes, then one scipy solve_ivp (RK45, rtol 1e-6, atol 1e-9)
+    with a Python right-hand side; redraw if it diverges.
+(b) raypd.generate through Ray Data on local Ray; Ray's start-up is timed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.integrate import solve_ivp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raypd import ode  # noqa: E402
+from raypd.cli import init_ray
+from raypd.config import DataConfig
+from raypd.generate import generate  # noqa: E402
+from tests.reference import split, stable_one  # noqa: E402  (the loop-per-draw filter)
+
+
+def baseline_rate(config: DataConfig, samples: int) -> float:
+    """Seed-style: per sample, draw until a per-draw stability check passes (loops over the
+    equilibrium regimes, as the seed's compute_equilibria), then one solve_ivp RK45 with a
+    Python right-hand side that builds the observables and splits them again (as the seed's
+    preference_dynamics_rhs); redraw if the solution leaves |x| <= 1e5."""
+    n = config.n_actions
+    n_p = ode.num_params(n)
+    lo, hi = config.bounds()
+    times = config.times()
+    rng = np.random.default_rng(config.seed)
+    start = time.perf_counter()
+    for _ in range(samples):
+        while True:
+            draw = lo + (hi - lo) * rng.random(lo.size)
+            if not stable_one(draw[:n_p], n):
+                continue
+            g, mu, Pi, Gamma = split(draw[:n_p], n)
+
+            def rhs(t, x):
+                observed = np.concatenate([np.maximum(x[:n], mu), np.maximum(x[n:], 0.0)])
+                u, a = observed[:n], observed[n:]
+                return np.concatenate([g - Pi @ a, u - Gamma @ a])
+
+            sol = solve_ivp(rhs, (times[0], times[-1]), draw[n_p:], method="RK45",
+                            rtol=1e-6, atol=1e-9, t_eval=times)
+            if sol.success and np.abs(sol.y).max() <= ode.DIVERGENCE_BOUND:
+                break
+    return samples / (time.perf_counter() - start)
+
+
+class PeakRSS:
+    """Peak resident memory (Linux VmHWM) of this process and of every Ray worker process,
+    read from /proc every 0.2 s (a worker that exits keeps its last reading)."""
+
+    def __init__(self):
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self):
+        me = os.getpid()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if int(proc.name) != me and "ray::" not in cmd and "default_worker.py" not in cmd:
+                    continue
+                status = (proc / "status").read_text()
+            except OSError:
+                continue
+            hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                        if line.startswith("VmHWM:")), 0)
+            key = "driver" if int(proc.name) == me else f"worker {proc.name}"
+            self.peak[key] = max(self.peak.get(key, 0), hwm)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._read()
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+
+def raypd_rate(config: DataConfig, workdir: Path) -> tuple[float, float]:
+    start = time.perf_counter()
+    manifest = generate(config, workdir / f"n{config.n_actions}-{config.samples}", progress=False)
+    elapsed = time.perf_counter() - start
+    return config.samples / elapsed, manifest["acceptance"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples-n1", type=int, default=50_000)
+    ap.add_argument("--samples-n3", type=int, default=5_000)
+    ap.add_argument("--baseline-samples", type=int, default=200)
+    ap.add_argument("--rtol", type=float, default=DataConfig.rtol,
+                    help="raypd's solver rtol (atol = rtol/100); default %(default)s as in DataConfig")
+    ap.add_argument("--memory", action="store_true", help="also 1,000,000 n=1 samples, peak RSS")
+    args = ap.parse_args()
+
+    start = time.perf_counter()
+    init_ray(None)
+    print(f"Ray start-up: {time.perf_counter() - start:.1f} s (not counted below)")
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # The first Ray Data job also starts and warms the worker processes (imports of
+        # numpy, pyarrow, raypd): part of start-up, timed here on a tiny dataset.
+        start = time.perf_counter()
+        generate(DataConfig(samples=16), Path(tmp) / "warm-up", progress=False)
+        print(f"first job on fresh workers (16 samples): {time.perf_counter() - start:.1f} s "
+              "(not counted below)")
+
+    print(f"cluster CPUs: {ray.cluster_resources().get('CPU')}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, samples in ((1, args.samples_n1), (3, args.samples_n3)):
+            config = DataConfig(n_actions=n, samples=samples, seed=123, rtol=args.rtol, atol=args.rtol / 100)
+            base = baseline_rate(config, args.baseline_samples if n == 1 else max(args.baseline_samples // 4, 10))
+            fast, acceptance = raypd_rate(config, Path(tmp))
+            rows.append((n, samples, base, fast, acceptance))
+            print(f"n={n}: baseline {base:8.1f} samples/s | raypd.generate {fast:9.1f} samples/s "
+                  f"({samples} samples, acceptance {acceptance:.3f}) | ratio {fast / base:6.1f}x")
+        if args.memory:
+            config = DataConfig(n_actions=1, samples=1_000_000, seed=123, rtol=args.rtol, atol=args.rtol / 100)
+            with PeakRSS() as rss:
+                fast, _ = raypd_rate(config, Path(tmp))
+            top = sorted(rss.peak.items(), key=lambda kv: -kv[1])[:4]
+            print(f"n=1, 1,000,000 samples: {fast:.1f} samples/s; peak RSS: "
+                  + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in top))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
