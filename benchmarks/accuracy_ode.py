@@ -4,10 +4,10 @@
 
 For generated samples (raypd.generate.generate_samples: stable, bounded draws from the default
 ranges), the error is max |series - reference| / max |reference| per sample, the reference
-being DOP853 at rtol 1e-10, atol 1e-12 (DESIGN §1). Some n>=2 systems are chaotic: there,
-DOP853 at rtol 1e-10 and 1e-12 disagree themselves, so the script also counts the samples
-whose two references differ by more than 1e-4 ("ill-conditioned") and gives the error on the
-others against the tighter reference.
+being DOP853 at rtol 1e-10, atol 1e-12 (DESIGN §1). Some n>=2 systems are (nearly) chaotic:
+a relative change of 1e-9 in the initial conditions moves their series by far more than 1e-6
+of its scale, and no solver at rtol 1e-8 can follow them. The script counts these
+"sensitive" samples, and gives the error on the others against DOP853 at rtol 1e-12.
 """
 
 import argparse
@@ -46,15 +46,16 @@ def main() -> None:
         for p, x0, s in zip(cols["params"], cols["ic"], cols["series"].astype(np.float64)):
             ref = dop853_series(p, x0, times, n, rtol=1e-10, atol=1e-12)
             tight = dop853_series(p, x0, times, n, rtol=1e-12, atol=1e-14)
+            nudged = dop853_series(p, x0 * (1 + 1e-9), times, n, rtol=1e-12, atol=1e-14)
             scale = max(np.abs(tight).max(), 1e-12)
             err.append(np.abs(s - ref).max() / scale)
             err_tight.append(np.abs(s - tight).max() / scale)
-            conditioned.append(np.abs(ref - tight).max() / scale < 1e-4)
+            conditioned.append(np.abs(nudged - tight).max() / scale < 1e-6)
         err, err_tight, conditioned = map(np.array, (err, err_tight, conditioned))
         print(f"n={n} ({count} samples, rtol {config.rtol}, series stored as float32):")
         print(f"  vs DOP853 rtol 1e-10: {stats(err)}")
-        print(f"  ill-conditioned (the two references differ > 1e-4): {(~conditioned).sum()}")
-        print(f"  well-conditioned, vs DOP853 rtol 1e-12: {stats(err_tight[conditioned])}")
+        print(f"  sensitive (ic * (1 + 1e-9) moves the series > 1e-6): {(~conditioned).sum()}")
+        print(f"  the others, vs DOP853 rtol 1e-12: {stats(err_tight[conditioned])}")
         print(f"  ({time.perf_counter() - start:.0f} s)")
 
 

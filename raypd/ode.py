@@ -101,10 +101,7 @@ def observe(x: np.ndarray, mu: np.ndarray) -> np.ndarray:
 
 def rhs(x: np.ndarray, p: Params) -> np.ndarray:
     """x' for states x (B, 2n)."""
-    n = p.g.shape[1]
-    u = np.maximum(x[:, :n], p.mu)
-    a = np.maximum(x[:, n:], 0.0)
-    return np.concatenate([p.g - _matvec(p.Pi, a), u - _matvec(p.Gamma, a)], axis=1)
+    return _Linear.of(p)(x)
 
 
 # --------------------------------------------------------------------------- stability

@@ -44,12 +44,16 @@ def test_n1_matches_dop853_to_1e3_of_scale():
 
 @pytest.mark.parametrize("n, count", [(2, 30), (3, 15)])
 def test_n2_n3_match_dop853_where_the_problem_is_well_conditioned(n, count):
-    """Some n>=2 draws are chaotic: two DOP853 runs at rtol 1e-10 and 1e-12 disagree by
-    percents. Those say nothing about the integrator; on the rest we ask for 1e-2."""
+    """Some n>=2 systems are (nearly) chaotic: a relative nudge of 1e-9 to the initial
+    conditions moves their series by percents, and no solver at rtol 1e-8 follows them.
+    On the others we ask for 1e-2 (the issue's aim) and a typical error far below."""
     params, ic, series = stable_draws(n, count, seed=2)
     err = relative_errors(params, ic, series, n, rtol=1e-12, atol=1e-14)
-    loose = relative_errors(params, ic, series, n, rtol=1e-10, atol=1e-12)
-    well_conditioned = np.abs(err - loose) < 1e-4
+    nudge = np.array([
+        np.abs(dop853_series(p, x0 * (1 + 1e-9), TIMES, n, rtol=1e-12, atol=1e-14)
+               - dop853_series(p, x0, TIMES, n, rtol=1e-12, atol=1e-14)).max()
+        / np.abs(s).max() for p, x0, s in zip(params, ic, series)])
+    well_conditioned = nudge < 1e-6
     assert well_conditioned.sum() >= count // 2
     assert err[well_conditioned].max() < 1e-2, err[well_conditioned].max()
     assert np.median(err) < 1e-4
