@@ -99,6 +99,144 @@ class DataConfig:
 RANGE_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name.endswith("_range"))
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """The 1d CNN: conv blocks (Conv1d 'same' -> ReLU -> MaxPool1d(2)), global average
+    pooling, dropout, hidden Linear + ReLU layers, a linear output layer."""
+
+    filters: list[int] = dataclasses.field(default_factory=lambda: [64])
+    kernel_sizes: list[int] = dataclasses.field(default_factory=lambda: [3])
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [32])
+    dropout: float = 0.3
+
+    def validate(self) -> ModelConfig:
+        if not self.filters:
+            raise ValueError("model.filters must list at least one conv layer")
+        if len(self.filters) != len(self.kernel_sizes):
+            raise ValueError(f"model.filters and model.kernel_sizes must have the same length "
+                             f"(got {len(self.filters)} and {len(self.kernel_sizes)})")
+        for name in ("filters", "kernel_sizes", "hidden"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"model.{name} must hold integers >= 1 (got {getattr(self, name)})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and scaling. num_workers 0 runs the loop in the calling process (Ray
+    Train's local mode); use_gpu None means: use GPUs when the cluster has them."""
+
+    lr: float = 0.002
+    epochs: int = 200
+    batch_size: int = 32
+    patience: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    num_workers: int = 1
+    use_gpu: bool | None = None
+    seed: int = 0
+    split_seed: int = 0
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.lr > 0, f"train.lr must be > 0 (got {self.lr})"),
+            (self.epochs >= 1, f"train.epochs must be >= 1 (got {self.epochs})"),
+            (self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})"),
+            (self.patience >= 1, f"train.patience must be >= 1 (got {self.patience})"),
+            (self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})"),
+            (self.grad_clip > 0, f"train.grad_clip must be > 0 (got {self.grad_clip})"),
+            (self.num_workers >= 0, f"train.num_workers must be >= 0 (got {self.num_workers})"),
+            (self.seed >= 0 and self.split_seed >= 0, "train.seed and train.split_seed must be >= 0"),
+            (all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,
+             f"train.split must be three fractions > 0 that add up to 1 (got {list(self.split)})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+@dataclass(frozen=True)
+class Config:
+    """One run or study: what data, which model, how to train."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        try:
+            self.data.validate()
+        except ValueError as exc:
+            raise ValueError(f"data.{exc}") from None
+        self.model.validate()
+        self.train.validate()
+        return self
+
+
+def parse_set(assignments: list[str]) -> dict:
+    """`--set a.b=value` pairs as a nested dict; values parse as YAML (`[64,128]`, `1e-3`)."""
+    import yaml
+
+    out: dict = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r} must look like key=value (e.g. train.lr=0.01)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({exc.problem})") from None
+        if isinstance(value, str) and "e" in value.lower():
+            try:  # YAML 1.1 reads 1e-3 as a string
+                value = float(value)
+            except ValueError:
+                pass
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r} conflicts with another --set of {part}")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Nested dict merge: override's leaves win."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | None = None, sets: list[str] | tuple = ()) -> Config:
+    """Defaults <- YAML file at `path` <- `--set` assignments, validated."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        try:
+            with open(path) as fh:
+                values = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"config file {path} is a folder, not a YAML file") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must be a mapping of sections (data, model, train)")
+    values = merge(values, parse_set(list(sets)))
+    return from_dict(Config, values).validate()
+
+
 # --------------------------------------------------------------------------- dict <-> config
 
 

@@ -1,0 +1,31 @@
+"""The 1d CNN of the seed notebook, with a linear output layer (targets can be negative)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raypd.config import ModelConfig
+
+
+class CNN1D(nn.Module):
+    """Conv blocks (Conv1d 'same' -> ReLU -> MaxPool1d(2)), global average pooling, dropout,
+    hidden Linear + ReLU layers, then Linear to the outputs."""
+
+    def __init__(self, config: ModelConfig, in_channels: int, n_outputs: int):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for filters, kernel in zip(config.filters, config.kernel_sizes):
+            blocks += [nn.Conv1d(channels, filters, kernel, padding="same"), nn.ReLU(), nn.MaxPool1d(2)]
+            channels = filters
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Dropout(config.dropout))
+        head: list[nn.Module] = []
+        for width in config.hidden:
+            head += [nn.Linear(channels, width), nn.ReLU()]
+            channels = width
+        head.append(nn.Linear(channels, n_outputs))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

@@ -1,0 +1,254 @@
+"""Stage 2: train the CNN data-parallel on Ray Train; evaluate the best checkpoint.
+
+    python -m raypd.train --config tune_configs/base.yaml [--data DIR] [--out DIR] [--set k=v ...]
+
+The dataset is read and prepared once by the driver and handed to the workers through Ray's
+object store (one copy per node): for data this small (10,000 series of 402 floats = 16 MB)
+this beats streaming it through get_dataset_shard every epoch (benchmarks/bench_train.py).
+Each worker trains on its own slice of every epoch's permutation; DDP averages gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from raypd.cli import ArgumentParser, init_ray, run_main
+from raypd.config import Config, from_dict, load_config, to_dict
+from raypd.dataset import Prepared, load_dataset, metrics, prepare, write_json
+
+CHECKPOINT_FILE = "state.pt"
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One worker's training loop (Ray Train calls it on every worker, or in this process in
+    local mode). Resumes from checkpoint_dir/last when it exists."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raypd.model import CNN1D
+
+    config = from_dict(Config, loop_config["config"])
+    train = config.train
+    data: Prepared = ray.get(loop_config["data"])  # from the object store, once per node
+    checkpoint_dir = Path(loop_config["checkpoint_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+
+    torch.manual_seed(train.seed)
+    model = CNN1D(config.model, data.inputs["train"].shape[1], data.n_outputs)
+    model = ray.train.torch.prepare_model(model)  # moves it to this worker's device; DDP if world > 1
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    x_train, y_train = (torch.tensor(a, device=device) for a in (data.inputs["train"], data.targets["train"]))
+    x_val, y_val = (torch.tensor(a, device=device) for a in (data.inputs["val"], data.targets["val"]))
+    unwrapped = model.module if hasattr(model, "module") else model
+
+    state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0}
+    if (checkpoint_dir / "last" / CHECKPOINT_FILE).exists():  # continue an interrupted run
+        saved = torch.load(checkpoint_dir / "last" / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        unwrapped.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+
+    # Equal shard sizes on every worker (DDP needs the same number of steps): pad by wrapping.
+    per_worker = math.ceil(len(x_train) / world)
+    for epoch in range(state["epoch"], train.epochs):
+        model.train()
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
+        shard = order.repeat(2)[: per_worker * world][rank::world].to(device)
+        total, count = 0.0, 0
+        for start in range(0, per_worker, train.batch_size):
+            batch = shard[start : start + train.batch_size]
+            loss = torch.nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        val_loss = evaluate_loss(model, x_val, y_val, train.batch_size * 8)
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(f"validation loss became {val_loss} at epoch {epoch}: lower train.lr")
+        improved = val_loss < state["best_val"]
+        state = {"epoch": epoch + 1, "best_val": min(val_loss, state["best_val"]),
+                 "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
+        metrics_ = {"epoch": epoch + 1, "train_loss": total / count, "val_loss": val_loss,
+                    "best_val_loss": state["best_val"]}
+        if rank == 0:
+            save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved)
+            # Ray records the metrics and copies the checkpoint into the run's storage.
+            ray.train.report(metrics_, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir / "last"),
+                             delete_local_checkpoint_after_upload=False)
+        else:
+            ray.train.report(metrics_)
+        if state["bad_epochs"] >= train.patience:
+            break
+
+
+def evaluate_loss(model, x, y, batch_size: int) -> float:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        total = sum(torch.nn.functional.mse_loss(model(x[i : i + batch_size]), y[i : i + batch_size],
+                                                 reduction="sum").item()
+                    for i in range(0, len(x), batch_size))
+    return total / (len(x) * y.shape[1])
+
+
+def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool) -> None:
+    """checkpoint_dir/last (and /best when improved), each replaced whole."""
+    import torch
+
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    for name in ("last", "best") if best else ("last",):
+        tmp = checkpoint_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(payload, tmp / CHECKPOINT_FILE)
+        old = checkpoint_dir / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (checkpoint_dir / name).exists():
+            (checkpoint_dir / name).rename(old)
+        tmp.rename(checkpoint_dir / name)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def use_gpu(config: Config) -> bool:
+    import ray
+
+    if config.train.use_gpu is not None:
+        return config.train.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit(config: Config, data: Prepared, workdir: Path, name: str = "train"):
+    """Run the loop on Ray Train (num_workers 0: in this process) and return its Result."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "data": ray.put(data),
+                           "checkpoint_dir": str(workdir / "checkpoints")},
+        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu(config)),
+        run_config=RunConfig(name=name, storage_path=str(workdir / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    return trainer.fit()
+
+
+def predict(config: Config, data: Prepared, checkpoint: Path, split: str = "test") -> np.ndarray:
+    """Raw-unit predictions of the model in `checkpoint` for one split."""
+    import torch
+
+    from raypd.model import CNN1D
+
+    model = CNN1D(config.model, data.inputs[split].shape[1], data.n_outputs)
+    model.load_state_dict(torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"])
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(data.inputs[split])
+        out = torch.cat([model(x[i : i + 1024]) for i in range(0, len(x), 1024)]).numpy()
+    return data.to_raw(out.astype(np.float64))
+
+
+def check_fits(config: Config, time_points: int) -> None:
+    pools = len(config.model.filters)
+    if time_points < 2**pools:
+        raise ValueError(f"model.filters has {pools} conv blocks, each halving the series: "
+                         f"{time_points} time points are too few (need >= {2**pools})")
+
+
+def dataset_dir(config: Config, root: Path) -> Path:
+    return root / "data" / config.data.dataset_name()
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path | None = None,
+                       root: str | Path = "runs", address: str | None = None) -> dict:
+    """Train, evaluate the best checkpoint on the test split, write metrics.json and
+    predictions.parquet into workdir; return the metrics. Without data_dir, the dataset that
+    config.data names (under root/data) is used, and generated when missing."""
+    from raypd.generate import generate
+
+    workdir = Path(workdir)
+    init_ray(address)
+    if data_dir is None:
+        data_dir = dataset_dir(config, Path(root))
+        generate(config.data, data_dir)
+    dataset = load_dataset(data_dir)
+    check_fits(config, dataset.series.shape[2])
+    data = prepare(dataset, config.train)
+    result = fit(config, data, workdir)
+    best = workdir / "checkpoints" / "best"
+    y_pred = predict(config, data, best)
+    y_true = data.raw_targets["test"]
+    out = metrics(y_true, y_pred, data.target_names)
+    out.update(epochs=int(result.metrics["epoch"]), best_val_loss=float(result.metrics["best_val_loss"]),
+               dataset=str(data_dir), content_hash=dataset.manifest["content_hash"], checkpoint=str(best))
+    write_predictions(workdir / "predictions.parquet", data.sample_ids["test"], y_true, y_pred)
+    write_json(workdir / "metrics.json", out)
+    return out
+
+
+def write_predictions(path: Path, sample_ids: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def column(values):
+        return pa.array(list(values.astype(np.float64)), type=pa.list_(pa.float64()))
+
+    table = pa.table({"sample_id": pa.array(sample_ids, type=pa.int64()),
+                      "y_true": column(y_true), "y_pred": column(y_pred)})
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        pq.write_table(table, tmp.name)
+    Path(tmp.name).replace(path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m raypd.train", description="Train the CNN on Ray Train.")
+    p.add_argument("--config", required=True, help="YAML config (e.g. tune_configs/base.yaml)")
+    p.add_argument("--data", help="dataset folder (default: generated from the config's data section)")
+    p.add_argument("--out", help="output folder (default runs/train/<config name>)")
+    p.add_argument("--root", default="runs", help="root for datasets and outputs (default %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value in YAML (e.g. --set model.filters=[64,128])")
+    p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a new local Ray)")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        config = load_config(args.config, args.set)
+        if args.data is not None:
+            load_dataset(args.data)  # check it before starting Ray
+        out = Path(args.out) if args.out else Path(args.root) / "train" / Path(args.config).stem
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; it must be a folder")
+        result = train_and_evaluate(config, out, args.data, args.root, args.address)
+        names = ", ".join(f"{k} {v['mse']:.3g}" for k, v in result["per_target"].items())
+        print(f"{out}: test mse {result['mse']:.4f} (raw units; per target: {names}), "
+              f"r2 {result['r2']:.3f}, {result['epochs']} epochs")
+        return 0
+
+    run_main("raypd.train", body)
+
+
+if __name__ == "__main__":
+    main()
