@@ -53,7 +53,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     x_val, y_val = (torch.tensor(a, device=device) for a in (data.inputs["val"], data.targets["val"]))
     unwrapped = model.module if hasattr(model, "module") else model
 
-    state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0}
+    state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "history": []}
     if (checkpoint_dir / "last" / CHECKPOINT_FILE).exists():  # continue an interrupted run
         saved = torch.load(checkpoint_dir / "last" / CHECKPOINT_FILE, map_location=device, weights_only=True)
         unwrapped.load_state_dict(saved["model"])
@@ -80,10 +80,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not math.isfinite(val_loss):
             raise FloatingPointError(f"validation loss became {val_loss} at epoch {epoch}: lower train.lr")
         improved = val_loss < state["best_val"]
-        state = {"epoch": epoch + 1, "best_val": min(val_loss, state["best_val"]),
-                 "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
         metrics_ = {"epoch": epoch + 1, "train_loss": total / count, "val_loss": val_loss,
-                    "best_val_loss": state["best_val"]}
+                    "best_val_loss": min(val_loss, state["best_val"])}
+        state = {"epoch": epoch + 1, "best_val": metrics_["best_val_loss"],
+                 "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
+                 "history": state["history"] + [metrics_]}
         if rank == 0:
             save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved)
             # Ray records the metrics and copies the checkpoint into the run's storage.
@@ -153,6 +154,13 @@ def fit(config: Config, data: Prepared, workdir: Path, name: str = "train"):
     return trainer.fit()
 
 
+def read_state(checkpoint: Path) -> dict:
+    """The training state saved with a checkpoint: epoch, best_val, bad_epochs, history."""
+    import torch
+
+    return torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["state"]
+
+
 def predict(config: Config, data: Prepared, checkpoint: Path, split: str = "test") -> np.ndarray:
     """Raw-unit predictions of the model in `checkpoint` for one split."""
     import torch
@@ -187,20 +195,24 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     from raypd.generate import generate
 
     workdir = Path(workdir)
-    init_ray(address)
     if data_dir is None:
+        check_fits(config, config.data.time_points)
+        init_ray(address)
         data_dir = dataset_dir(config, Path(root))
         generate(config.data, data_dir)
     dataset = load_dataset(data_dir)
     check_fits(config, dataset.series.shape[2])
+    init_ray(address)
     data = prepare(dataset, config.train)
-    result = fit(config, data, workdir)
+    fit(config, data, workdir)
     best = workdir / "checkpoints" / "best"
     y_pred = predict(config, data, best)
     y_true = data.raw_targets["test"]
     out = metrics(y_true, y_pred, data.target_names)
-    out.update(epochs=int(result.metrics["epoch"]), best_val_loss=float(result.metrics["best_val_loss"]),
-               dataset=str(data_dir), content_hash=dataset.manifest["content_hash"], checkpoint=str(best))
+    history = read_state(workdir / "checkpoints" / "last")["history"]
+    out.update(epochs=history[-1]["epoch"], best_val_loss=min(h["val_loss"] for h in history),
+               history=history, dataset=str(data_dir), content_hash=dataset.manifest["content_hash"],
+               checkpoint=str(best))
     write_predictions(workdir / "predictions.parquet", data.sample_ids["test"], y_true, y_pred)
     write_json(workdir / "metrics.json", out)
     return out
@@ -236,8 +248,6 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> int:
         config = load_config(args.config, args.set)
-        if args.data is not None:
-            load_dataset(args.data)  # check it before starting Ray
         out = Path(args.out) if args.out else Path(args.root) / "train" / Path(args.config).stem
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; it must be a folder")

@@ -1,0 +1,141 @@
+"""raypd.dataset: reading back with checks, split, normalisation, target standardisation,
+raw-unit metrics."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raypd.config import DataConfig, TrainConfig
+from raypd.dataset import load_dataset, metrics, normalise_inputs, prepare, split_ids
+from raypd.generate import MANIFEST, generate, generate_samples
+from tests.conftest import run_cli, snapshot
+
+CONFIG = DataConfig(samples=40, seed=4, mu_range=(0.0, 0.0), time_points=33, time_span=(0.0, 32.0))
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "ds"
+    generate(CONFIG, out, block_size=16, progress=False)
+    return out
+
+
+def test_reads_back_what_was_generated(dataset_dir):
+    ds = load_dataset(dataset_dir)
+    cols, _ = generate_samples(CONFIG, np.arange(40))
+    assert np.array_equal(ds.sample_id, np.arange(40))
+    assert np.array_equal(ds.params, cols["params"]) and np.array_equal(ds.ic, cols["ic"])
+    assert np.array_equal(ds.series, cols["series"])
+    assert ds.target_names == ["g_1", "mu_1", "Pi_11", "Gamma_11", "v0_1", "m0_1"]
+
+
+def corrupt(dataset_dir, tmp_path, how):
+    bad = tmp_path / "bad"
+    shutil.copytree(dataset_dir, bad)
+    manifest = json.loads((bad / MANIFEST).read_text())
+    first = bad / manifest["files"][0]["path"]
+    if how == "no manifest":
+        (bad / MANIFEST).unlink()
+    elif how == "truncated":
+        first.write_bytes(first.read_bytes()[:200])
+    elif how == "missing file":
+        first.unlink()
+    elif how == "foreign parquet":
+        pq.write_table(pa.table({"x": [1, 2, 3]}), first)
+    elif how == "row count":
+        manifest["files"][0]["rows"] += 1
+        (bad / MANIFEST).write_text(json.dumps(manifest))
+    elif how == "shape":
+        manifest["settings"]["time_points"] = 34
+        (bad / MANIFEST).write_text(json.dumps(manifest))
+    elif how == "nan":
+        table = pq.read_table(first)
+        series = table.column("series").combine_chunks()
+        values = series.flatten().to_numpy().copy()
+        values[5] = np.nan
+        fixed = pa.ListArray.from_arrays(series.offsets, pa.array(values, pa.float32()))
+        pq.write_table(table.set_column(3, "series", fixed), first)
+    elif how == "manifest not json":
+        (bad / MANIFEST).write_text("{oops")
+    return bad, first
+
+
+CASES = [("no manifest", "no manifest.json"), ("truncated", "not a readable raypd Parquet file"),
+         ("missing file", "listed in manifest.json but missing"),
+         ("foreign parquet", "not a readable raypd Parquet file"), ("row count", "rows, manifest.json says"),
+         ("shape", "does not match n_actions"), ("nan", "column series holds NaN"),
+         ("manifest not json", "manifest.json is not valid JSON")]
+
+
+@pytest.mark.parametrize("how, message", CASES)
+def test_a_damaged_dataset_is_named(dataset_dir, tmp_path, how, message):
+    bad, first = corrupt(dataset_dir, tmp_path, how)
+    with pytest.raises(ValueError) as info:
+        load_dataset(bad)
+    assert message in str(info.value)
+    named = first.name if how in ("truncated", "missing file", "foreign parquet", "row count", "nan") else MANIFEST
+    assert named in str(info.value)
+
+
+@pytest.mark.parametrize("how, message", CASES[:3])
+def test_train_cli_refuses_a_damaged_dataset(dataset_dir, tmp_path, how, message):
+    bad, _ = corrupt(dataset_dir, tmp_path, how)
+    before = snapshot(tmp_path)
+    result = run_cli("raypd.train", "--config", "tune_configs/base.yaml", "--data", str(bad),
+                     "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_split_is_deterministic_disjoint_and_70_15_15():
+    ids = np.arange(1000)
+    a = split_ids(ids, (0.7, 0.15, 0.15), seed=3)
+    b = split_ids(ids[::-1].copy(), (0.7, 0.15, 0.15), seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [a[k].size for k in ("train", "val", "test")] == [700, 150, 150]
+    assert np.array_equal(np.sort(np.concatenate(list(a.values()))), ids)
+    assert not np.array_equal(split_ids(ids, (0.7, 0.15, 0.15), seed=4)["test"], a["test"])
+
+
+def test_normalisation_is_per_sample_and_group_without_mean_shift():
+    rng = np.random.default_rng(0)
+    series = rng.random((5, 4, 30)).astype(np.float32) + 3.0
+    series[1, 2:] = 7.0  # a flat effort group stays as it is
+    out = normalise_inputs(series)
+    for i in range(5):
+        for group in (slice(0, 2), slice(2, 4)):
+            std = series[i, group].std(dtype=np.float64)
+            if std > 0:
+                assert out[i, group].std(dtype=np.float64) == pytest.approx(1.0, rel=1e-5)
+                np.testing.assert_allclose(out[i, group] * std, series[i, group], rtol=1e-6)
+    assert (out[1, 2:] == 7.0).all()
+    assert out[0].mean() > 1  # no mean shift
+
+
+def test_constant_target_is_left_out_and_predicted_exactly(dataset_dir):
+    data = prepare(load_dataset(dataset_dir), TrainConfig())
+    assert data.varying.tolist() == [True, False, True, True, True, True]  # mu fixed to 0
+    assert data.n_outputs == 5
+    y = data.targets["train"]
+    np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(y.std(axis=0), 1, atol=1e-5)
+    raw = data.to_raw(data.targets["test"].astype(np.float64))
+    np.testing.assert_allclose(raw, data.raw_targets["test"], atol=1e-5)
+    assert (raw[:, 1] == 0.0).all()
+
+
+def test_metrics_on_known_cases():
+    y = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    perfect = metrics(y, y.copy(), ["a", "b"])
+    assert perfect["mse"] == 0 and perfect["r2"] == 1.0 and perfect["per_target"]["b"]["r2"] is None
+    off = metrics(y, y + np.array([1.0, 2.0]), ["a", "b"])
+    assert off["mse"] == pytest.approx((1 + 4) / 2) and off["mae"] == pytest.approx(1.5)
+    assert off["rmse"] == pytest.approx(np.sqrt(2.5))
+    mean = metrics(y, np.tile(y.mean(axis=0), (3, 1)), ["a", "b"])
+    assert mean["per_target"]["a"]["r2"] == pytest.approx(0.0)

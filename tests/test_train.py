@@ -1,0 +1,119 @@
+"""raypd.train: config checks, the model, training on Ray Train (0, 1, 2 workers), resume,
+metrics.json and predictions.parquet."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raypd.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
+from raypd.generate import generate
+from raypd.model import CNN1D
+from raypd.train import read_state, train_and_evaluate
+from tests.conftest import run_cli, snapshot
+
+DATA = DataConfig(samples=120, seed=8, mu_range=(0.0, 0.0), time_points=64, time_span=(0.0, 63.0))
+
+
+def tiny(**train):
+    return Config(data=DATA, model=ModelConfig(filters=[8, 8], kernel_sizes=[3, 3], hidden=[16]),
+                  train=TrainConfig(**{"epochs": 2, "batch_size": 16, "num_workers": 0, **train})).validate()
+
+
+@pytest.fixture(scope="module")
+def data_dir(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "ds"
+    generate(DATA, out, progress=False)
+    return out
+
+
+def test_model_shapes_and_a_linear_output():
+    model = CNN1D(ModelConfig(filters=[4, 6], kernel_sizes=[3, 5], hidden=[7, 5]), 2, 3)
+    assert model(torch.zeros(9, 2, 50)).shape == (9, 3)
+    with torch.no_grad():
+        model.head[-1].bias.fill_(-4.0)
+        model.head[-1].weight.zero_()
+    # the notebook's output ReLU could never predict v(0) < 0 or m(0) < 0
+    assert (model(torch.randn(3, 2, 50)) == -4.0).all()
+
+
+def test_train_local_mode_writes_metrics_and_predictions(data_dir, tmp_path):
+    out = train_and_evaluate(tiny(), tmp_path / "run", data_dir)
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["mse"] == pytest.approx(out["mse"])
+    for key in ("mse", "rmse", "mae", "r2", "per_target", "target_names", "epochs", "history"):
+        assert key in written
+    assert written["target_names"] == ["g_1", "mu_1", "Pi_11", "Gamma_11", "v0_1", "m0_1"]
+    assert written["epochs"] == 2 and [h["epoch"] for h in written["history"]] == [1, 2]
+    table = pq.read_table(tmp_path / "run" / "predictions.parquet").to_pydict()
+    y_true, y_pred = np.array(table["y_true"]), np.array(table["y_pred"])
+    assert len(table["sample_id"]) == 18 and y_true.shape == (18, 6)  # 15% of 120
+    assert np.mean((y_true - y_pred) ** 2) == pytest.approx(written["mse"])
+    assert (y_pred[:, 1] == 0).all()  # mu is constant in this data: predicted as such
+    assert (tmp_path / "run" / "checkpoints" / "best" / "state.pt").exists()
+
+
+def test_an_interrupted_run_continues_from_its_last_epoch(data_dir, tmp_path):
+    first = train_and_evaluate(tiny(epochs=2, patience=50), tmp_path / "run", data_dir)
+    second = train_and_evaluate(tiny(epochs=4, patience=50), tmp_path / "run", data_dir)
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
+    assert second["history"][:2] == first["history"]  # the first two epochs were not re-run
+    assert read_state(tmp_path / "run" / "checkpoints" / "last")["epoch"] == 4
+
+
+def test_early_stopping_and_seeded_reproducibility(data_dir, tmp_path):
+    a = train_and_evaluate(tiny(epochs=30, patience=1, lr=0.05), tmp_path / "a", data_dir)
+    b = train_and_evaluate(tiny(epochs=30, patience=1, lr=0.05), tmp_path / "b", data_dir)
+    assert a["epochs"] < 30  # stopped by patience
+    assert a["history"] == b["history"] and a["mse"] == b["mse"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_train_worker_groups(data_dir, tmp_path, workers):
+    out = train_and_evaluate(tiny(num_workers=workers, epochs=2), tmp_path / "run", data_dir)
+    assert out["epochs"] == 2 and np.isfinite(out["mse"])
+    # Ray Train kept its own copy of the last checkpoint in the run's storage
+    assert list((tmp_path / "run" / "ray" / "train").glob("checkpoint_*/state.pt"))
+
+
+@pytest.mark.parametrize("yaml_text, sets, message", [
+    ("model: {filterz: [8]}\n", [], "unknown key model.filterz"),
+    ("train: {lr: fast}\n", [], "train.lr must be float"),
+    ("train: {epochs: 2.5}\n", [], "train.epochs must be int"),
+    ("model: {filters: [8, 8], kernel_sizes: [3]}\n", [], "must have the same length"),
+    ("model: {dropout: 1.0}\n", [], "model.dropout must be in [0, 1)"),
+    ("", ["train.lr=0"], "train.lr must be > 0"),
+    ("", ["train.epochs=0"], "train.epochs must be >= 1"),
+    ("", ["train.split=[0.5,0.5,0.5]"], "train.split must be three fractions"),
+    ("", ["lr"], "--set 'lr' must look like key=value"),
+    ("", ["train.nope=1"], "unknown key train.nope"),
+    ("", ["data.samples=0"], "data.samples must be >= 1"),
+    ("[1, 2]\n", [], "must be a mapping of sections"),
+    ("model: [\n", [], "is not valid YAML"),
+    ("model: {filters: [8, 8, 8, 8, 8, 8, 8], kernel_sizes: [3, 3, 3, 3, 3, 3, 3]}\ndata: {time_points: 64}\n",
+     [], "64 time points are too few (need >= 128)"),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path, data_dir, yaml_text, sets, message):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml_text)
+    before = snapshot(tmp_path)
+    args = ["raypd.train", "--config", str(config), "--data", str(data_dir), "--out", str(tmp_path / "out")]
+    for s in sets:
+        args += ["--set", s]
+    result = run_cli(*args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_missing_config_file_and_set_values_parse_as_yaml(tmp_path):
+    result = run_cli("raypd.train", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "config file" in result.stderr and "does not exist" in result.stderr
+    config = load_config("tune_configs/base.yaml", ["model.filters=[64,128]", "model.kernel_sizes=[3,3]",
+                                                      "train.lr=1e-3", "train.use_gpu=false"])
+    assert config.model.filters == [64, 128] and config.train.lr == 1e-3 and config.train.use_gpu is False
+    assert config.data.mu_range == (0.0, 0.0) and config.data.samples == 10_000
