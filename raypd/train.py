@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Equal shard sizes on every worker (DDP needs the same number of steps): pad by wrapping.
     per_worker = math.ceil(len(x_train) / world)
     for epoch in range(state["epoch"], train.epochs):
+        started = time.perf_counter()
         model.train()
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
         shard = order.repeat(2)[: per_worker * world][rank::world].to(device)
@@ -81,7 +83,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise FloatingPointError(f"validation loss became {val_loss} at epoch {epoch}: lower train.lr")
         improved = val_loss < state["best_val"]
         metrics_ = {"epoch": epoch + 1, "train_loss": total / count, "val_loss": val_loss,
-                    "best_val_loss": min(val_loss, state["best_val"])}
+                    "best_val_loss": min(val_loss, state["best_val"]),
+                    "epoch_seconds": time.perf_counter() - started}
         state = {"epoch": epoch + 1, "best_val": metrics_["best_val_loss"],
                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
                  "history": state["history"] + [metrics_]}
