@@ -159,13 +159,80 @@ class TrainConfig:
         return self
 
 
+SPACE_KINDS = {"loguniform": 2, "uniform": 2, "int": (2, 3), "choice": None}
+DERIVE_KINDS = ("repeat", "list")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A study: the searcher, the scheduler and the search space.
+
+    space: NAME -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {int: [lo, hi(, step)]} |
+    {choice: [v1, v2, ...]}. A NAME with a dot (train.lr) sets that config key; a plain
+    NAME is a variable for `derive`: KEY -> {repeat: [value, VARIABLE]} (a list of VARIABLE
+    copies of value) or {list: [VARIABLE or value, ...]}.
+    """
+
+    searcher: str = "optuna"
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 3
+    num_samples: int = 10
+    max_concurrent: int = 0  # 0: as many as the cluster's CPUs and GPUs hold
+    metric: str = "val_loss"
+    mode: str = "min"
+    seed: int = 0
+    space: dict[str, dict] = dataclasses.field(default_factory=dict)
+    derive: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> SearchConfig:
+        choices = {"searcher": ("optuna", "hyperopt"), "scheduler": ("asha", "fifo"), "mode": ("min", "max"),
+                   "metric": ("val_loss", "train_loss")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"search.{key} must be one of {', '.join(allowed)} (got {getattr(self, key)!r})")
+        for key, low in (("grace_period", 1), ("reduction_factor", 2), ("num_samples", 1), ("max_concurrent", 0),
+                         ("seed", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"search.{key} must be >= {low} (got {getattr(self, key)})")
+        for name, spec in self.space.items():
+            where = f"search.space.{name}"
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+                raise ValueError(f"{where} must be one of {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
+                                 f"{{int: [lo, hi, step]}}, {{choice: [...]}} (got {spec!r})")
+            kind, args = next(iter(spec.items()))
+            sizes = SPACE_KINDS[kind]
+            if not isinstance(args, list) or not args or (
+                    sizes is not None and len(args) not in (sizes if isinstance(sizes, tuple) else (sizes,))):
+                raise ValueError(f"{where}: {kind} needs a list of {sizes or 'values'} (got {args!r})")
+            if kind != "choice":
+                if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                    raise ValueError(f"{where}: {kind} bounds must be numbers (got {args!r})")
+                if args[0] > args[1] or (kind == "loguniform" and args[0] <= 0):
+                    raise ValueError(f"{where}: {kind} needs 0 < lo <= hi for loguniform, lo <= hi otherwise "
+                                     f"(got {args!r})")
+                if kind == "int" and not all(isinstance(a, int) for a in args):
+                    raise ValueError(f"{where}: int bounds and step must be integers (got {args!r})")
+        variables = {n for n in self.space if "." not in n}
+        for key, spec in self.derive.items():
+            where = f"search.derive.{key}"
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DERIVE_KINDS:
+                raise ValueError(f"{where} must be {{repeat: [value, VARIABLE]}} or {{list: [...]}} (got {spec!r})")
+            kind, args = next(iter(spec.items()))
+            if not isinstance(args, list) or (kind == "repeat" and (len(args) != 2 or args[1] not in variables)):
+                raise ValueError(f"{where}: repeat needs [value, VARIABLE] with VARIABLE one of the space's "
+                                 f"plain names ({', '.join(sorted(variables)) or 'none'}) (got {args!r})")
+        return self
+
+
 @dataclass(frozen=True)
 class Config:
-    """One run or study: what data, which model, how to train."""
+    """One run or study: what data, which model, how to train, how to search."""
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def validate(self) -> Config:
         try:
@@ -174,6 +241,7 @@ class Config:
             raise ValueError(f"data.{exc}") from None
         self.model.validate()
         self.train.validate()
+        self.search.validate()
         return self
 
 
@@ -269,6 +337,10 @@ def _coerce(value, hint, key: str):
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         raise ValueError(f"{key} must be a list of {len(args)} values "
                          f"[{', '.join(_type_name(a) for a in args)}] (got {value!r})")
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError(f"{key} must be a mapping (got {value!r})")
     elif origin is list:
         (arg,) = typing.get_args(hint)
         if isinstance(value, (list, tuple)):
