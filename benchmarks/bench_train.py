@@ -118,7 +118,7 @@ def main() -> None:
 
         threads = ray.get(worker_threads.remote())
         start = time.perf_counter()
-        fit(config, data, Path(tmp) / "run")
+        fit(config, ray.put(data), Path(tmp) / "run")
         wall = time.perf_counter() - start
         history = read_state(Path(tmp) / "run" / "checkpoints" / "last")["history"]
         shard_epochs = run_dataset_shard(config, data, Path(tmp) / "shard_epochs.txt")

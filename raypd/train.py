@@ -34,6 +34,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    import ray.tune
     import torch
 
     from raypd.model import CNN1D
@@ -42,13 +43,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train = config.train
     data: Prepared = ray.get(loop_config["data"])  # from the object store, once per node
     checkpoint_dir = Path(loop_config["checkpoint_dir"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    in_tune = loop_config.get("report_to") == "tune"
 
     torch.manual_seed(train.seed)
     model = CNN1D(config.model, data.inputs["train"].shape[1], data.n_outputs)
-    model = ray.train.torch.prepare_model(model)  # moves it to this worker's device; DDP if world > 1
-    device = ray.train.torch.get_device()
+    if in_tune:  # a single-process trial inside Tune: no Train session here, no DDP needed
+        rank, world = 0, 1
+        device = torch.device("cuda" if loop_config["use_gpu"] else "cpu")
+        model = model.to(device)
+    else:
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        model = ray.train.torch.prepare_model(model)  # moves it to this worker's device; DDP if world > 1
+        device = ray.train.torch.get_device()
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     x_train, y_train = (torch.tensor(a, device=device) for a in (data.inputs["train"], data.targets["train"]))
     x_val, y_val = (torch.tensor(a, device=device) for a in (data.inputs["val"], data.targets["val"]))
@@ -90,6 +97,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                  "history": state["history"] + [metrics_]}
         if rank == 0:
             save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved)
+        if in_tune:  # the trial's folder holds the checkpoints; Tune takes the metrics
+            ray.tune.report(metrics_)
+        elif rank == 0:
             # Ray records the metrics and copies the checkpoint into the run's storage.
             ray.train.report(metrics_, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir / "last"),
                              delete_local_checkpoint_after_upload=False)
@@ -139,22 +149,36 @@ def use_gpu(config: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit(config: Config, data: Prepared, workdir: Path, name: str = "train"):
-    """Run the loop on Ray Train (num_workers 0: in this process) and return its Result."""
-    import ray
+def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: bool = False) -> None:
+    """Train with checkpoints in workdir/checkpoints; data_ref is the prepared data in the
+    object store.
+
+    On Ray Train: a TorchTrainer with train.num_workers workers (0: Train's local mode, in
+    this process). Inside a Tune trial, a worker group reports to Tune through
+    TuneReportCallback; a single-process trial (num_workers 0) runs the loop right here and
+    reports to Tune itself, since Train's API is not available to a Tune function.
+    """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     workdir.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
+    loop_config = {"config": to_dict(config), "data": data_ref, "checkpoint_dir": str(workdir / "checkpoints"),
+                   "use_gpu": use_gpu(config)}
+    if in_tune and config.train.num_workers == 0:
+        train_loop_per_worker({**loop_config, "report_to": "tune"})
+        return
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "data": ray.put(data),
-                           "checkpoint_dir": str(workdir / "checkpoints")},
-        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu(config)),
-        run_config=RunConfig(name=name, storage_path=str(workdir / "ray"),
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=loop_config["use_gpu"]),
+        run_config=RunConfig(name=name, storage_path=str(workdir / "ray"), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    return trainer.fit()
+    ).fit()
 
 
 def read_state(checkpoint: Path) -> dict:
@@ -206,8 +230,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     dataset = load_dataset(data_dir)
     check_fits(config, dataset.series.shape[2])
     init_ray(address)
+    import ray
+
     data = prepare(dataset, config.train)
-    fit(config, data, workdir)
+    fit(config, ray.put(data), workdir)
     best = workdir / "checkpoints" / "best"
     y_pred = predict(config, data, best)
     y_true = data.raw_targets["test"]

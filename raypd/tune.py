@@ -1,0 +1,336 @@
+"""Stage 3: a study on Ray Tune: OptunaSearch (or HyperOpt) + ASHA, MLflow for every trial.
+
+    python -m raypd.tune --study filters [--searcher optuna|hyperopt] [--root runs] [--set k=v ...]
+
+The study's dataset is generated once (when missing), read and prepared once by this driver
+and put into the object store; every trial reads it from there. Each trial is a driver
+function that runs raypd.train's loop on Ray Train: in local mode (train.num_workers 0, the
+default for studies) inside the trial's own process, which keeps a trial's fixed cost near
+a second; with a real worker group when the study asks for workers. Re-running the same
+command resumes an interrupted study; re-running a finished one prints its summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from raypd import __version__
+from raypd.cli import ArgumentParser, init_ray, run_main
+from raypd.config import Config, from_dict, load_config, merge, to_dict
+from raypd.dataset import load_dataset, metrics, prepare, write_json
+
+STUDIES = Path(__file__).resolve().parents[1] / "tune_configs"
+STUDY_FILE = "study.json"
+SUMMARY_FILE = "summary.json"
+
+
+# --------------------------------------------------------------------------- the space
+
+
+def tune_space(config: Config) -> dict:
+    """The study's space in Ray Tune's terms (Optuna and HyperOpt both take these)."""
+    from ray import tune
+
+    out = {}
+    for name, spec in config.search.space.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "loguniform":
+            out[name] = tune.loguniform(args[0], args[1])
+        elif kind == "uniform":
+            out[name] = tune.uniform(args[0], args[1])
+        elif kind == "int":
+            out[name] = tune.qrandint(args[0], args[1], args[2]) if len(args) == 3 else tune.randint(args[0], args[1] + 1)
+        else:
+            out[name] = tune.choice(args)
+    return out
+
+
+def resolve(config: Config, params: dict) -> Config:
+    """The trial's config: the study's, with the sampled values (dotted names) and the derived
+    keys set. Raises ValueError naming the key if the result is not a valid config."""
+    overrides: dict = {}
+
+    def put(key: str, value) -> None:
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    for name, value in params.items():
+        if "." in name:
+            put(name, value)
+    for key, spec in config.search.derive.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "repeat":
+            put(key, [args[0]] * int(params[args[1]]))
+        else:
+            put(key, [params[a] if isinstance(a, str) and a in params else a for a in args])
+    return from_dict(Config, merge(to_dict(config), overrides)).validate()
+
+
+def check_space(config: Config) -> None:
+    """Both corners of the space (all lows, all highs) must make valid configs."""
+    for pick in (0, -1):
+        params = {}
+        for name, spec in config.search.space.items():
+            kind, args = next(iter(spec.items()))
+            params[name] = args[pick] if kind == "choice" else args[0 if pick == 0 else 1]
+        try:
+            resolve(config, params)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"search space: {exc}") from None
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def trial_resources(config: Config, cluster: dict) -> tuple[dict, int]:
+    """(resources of one trial, how many trials fit at once).
+
+    A local-mode trial holds 1 CPU (and a GPU when training uses GPUs). A worker-group trial
+    holds 1 CPU for its driver function and starts num_workers workers of 1 CPU (+1 GPU)
+    beside it; counting those too keeps concurrent trials from waiting on each other's
+    workers (on 2 CPUs, two trials of one 1-CPU worker each deadlocked in a probe)."""
+    from raypd.train import use_gpu
+
+    gpu = use_gpu(config)
+    workers = config.train.num_workers
+    cpus_per_trial = 1 + workers
+    gpus_per_trial = (1 if workers == 0 else workers) if gpu else 0
+    fit = math.floor(cluster.get("CPU", 0) / cpus_per_trial)
+    if gpus_per_trial:
+        fit = min(fit, math.floor(cluster.get("GPU", 0) / gpus_per_trial))
+    if fit < 1:
+        raise ValueError(f"one trial needs {cpus_per_trial} CPUs and {gpus_per_trial} GPUs; the cluster has "
+                         f"{cluster.get('CPU', 0)} CPUs and {cluster.get('GPU', 0)} GPUs (lower train.num_workers)")
+    limit = config.search.max_concurrent or fit
+    resources = {"cpu": 1, "gpu": (1 if gpu and workers == 0 else 0)}
+    return resources, max(1, min(limit, fit, config.search.num_samples))
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def make_trial(study: Config, data_ref, study_dir: Path):
+    """The per-trial driver function Tune runs (Ray's Train-inside-Tune pattern)."""
+
+    def trial(params: dict) -> None:
+        from ray import tune
+
+        from raypd.train import fit
+
+        config = resolve(study, params)
+        trial_id = tune.get_context().get_trial_id()
+        # study_dir/trials/<id> holds the trial's checkpoints: a restored trial continues there
+        fit(config, data_ref, study_dir / "trials" / trial_id, name=f"train-{trial_id}", in_tune=True)
+
+    return trial
+
+
+def mlflow_callback(tracking_uri: str, study_name: str, tags: dict):
+    """MLflowLoggerCallback with one run per trial: a resumed trial finds its run again."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class OneRunPerTrial(MLflowLoggerCallback):
+        def log_trial_start(self, trial):
+            if trial not in self._trial_runs:
+                from mlflow.tracking import MlflowClient
+
+                found = MlflowClient(tracking_uri).search_runs(
+                    [self.mlflow_util.experiment_id], filter_string=f"tags.trial_id = '{trial.trial_id}'")
+                if found:
+                    self._trial_runs[trial] = found[0].info.run_id
+                    MlflowClient(tracking_uri).update_run(found[0].info.run_id, status="RUNNING")
+                else:
+                    run = self.mlflow_util.start_run(
+                        tags={**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id},
+                        run_name=str(trial))
+                    self._trial_runs[trial] = run.info.run_id
+            super().log_trial_start(trial)
+
+    return OneRunPerTrial(tracking_uri=tracking_uri, experiment_name=f"raypd-{study_name}", tags=tags,
+                          save_artifact=False)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def study_path(study: str | None, config_file: str | None) -> Path:
+    if config_file:
+        return Path(config_file)
+    path = STUDIES / f"{study}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in STUDIES.glob("*.yaml"))
+        raise ValueError(f"no study {study!r}: tune_configs/ holds {', '.join(known)}")
+    return path
+
+
+def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri: str | None = None,
+              address: str | None = None) -> dict:
+    """Run (or resume, or just summarise) study `name`; return its summary."""
+    import ray
+    from ray import tune
+
+    from raypd.generate import generate
+    from raypd.train import check_fits, dataset_dir
+
+    root = Path(root).absolute()
+    study_dir = root / "tune" / name
+    resolved = to_dict(config)
+    check_fits(config, config.data.time_points)
+    check_space(config)
+    if (study_dir / STUDY_FILE).exists():
+        if json.loads((study_dir / STUDY_FILE).read_text()) != resolved:
+            raise ValueError(f"{study_dir} holds study {name!r} run with other settings; "
+                             "use another --root (or remove that folder) to start afresh")
+        if (study_dir / SUMMARY_FILE).exists():
+            return json.loads((study_dir / SUMMARY_FILE).read_text())
+
+    init_ray(address)
+    data_dir = dataset_dir(config, root)
+    manifest = generate(config.data, data_dir)
+    dataset = load_dataset(data_dir)
+    prepared = prepare(dataset, config.train)
+    data_ref = ray.put(prepared)  # one copy in the object store for every trial
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_json(study_dir / STUDY_FILE, resolved)
+
+    tracking_uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+    tags = {"study": name, "content_hash": manifest["content_hash"], "data_seed": str(config.data.seed),
+            "raypd_version": __version__, "searcher": config.search.searcher}
+    resources, concurrent = trial_resources(config, ray.cluster_resources())
+    trainable = tune.with_resources(make_trial(config, data_ref, study_dir), resources)
+    run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
+                                callbacks=[mlflow_callback(tracking_uri, name, tags)])
+    if tune.Tuner.can_restore(study_dir):
+        print(f"resuming study {name} from {study_dir}", file=sys.stderr)
+        tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
+                           tune_config=tune_config(config, concurrent))
+    results = tuner.fit()
+    summary = summarise(config, name, results, prepared, study_dir)
+    best_run = summary["best_trial_id"]
+    if best_run:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(f"raypd-{name}")
+        for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_id = '{best_run}'"):
+            client.set_tag(run.info.run_id, "best_checkpoint", summary["best_checkpoint"])
+            client.set_tag(run.info.run_id, "best_trial", "true")
+    write_json(study_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def tune_config(config: Config, concurrent: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    search = config.search
+    if search.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed)
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(metric=search.metric, mode=search.mode, random_state_seed=search.seed)
+    scheduler = (ASHAScheduler(time_attr="epoch", metric=search.metric, mode=search.mode,
+                               max_t=config.train.epochs, grace_period=min(search.grace_period, config.train.epochs),
+                               reduction_factor=search.reduction_factor)
+                 if search.scheduler == "asha" else FIFOScheduler())
+    return tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+                           scheduler=scheduler, num_samples=search.num_samples, reuse_actors=True)
+
+
+def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> dict:
+    """summary.json: the best trial (by its best validation loss), its best checkpoint
+    evaluated on the test split in raw units, and one entry per trial."""
+    from raypd.train import predict, read_state
+
+    trials = []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[1]
+        trial_dir = study_dir / "trials" / trial_id
+        state_file = trial_dir / "checkpoints" / "last"
+        state = read_state(state_file) if (state_file / "state.pt").exists() else None
+        history = state["history"] if state else []
+        trials.append({
+            "trial_id": trial_id,
+            "config": result.config,
+            "status": "ERROR" if result.error else "TERMINATED",
+            "error": str(result.error).splitlines()[0] if result.error else None,
+            "epochs": len(history),
+            "val_loss": min((h["val_loss"] for h in history), default=None),
+            "last_val_loss": history[-1]["val_loss"] if history else None,
+            "path": str(trial_dir),
+        })
+    done = [t for t in trials if t["val_loss"] is not None]
+    best = min(done, key=lambda t: t["val_loss"]) if done else None
+    summary = {"study": name, "searcher": config.search.searcher, "scheduler": config.search.scheduler,
+               "num_trials": len(trials), "total_epochs": sum(t["epochs"] for t in trials),
+               "best_trial_id": best["trial_id"] if best else None,
+               "best_config": best["config"] if best else None,
+               "best_val_loss": best["val_loss"] if best else None,
+               "best_checkpoint": str(Path(best["path"]) / "checkpoints" / "best") if best else None,
+               "best_test_metrics": None, "trials": trials}
+    if best:
+        trial_config = resolve(config, best["config"])
+        y_pred = predict(trial_config, prepared, Path(summary["best_checkpoint"]))
+        summary["best_test_metrics"] = metrics(prepared.raw_targets["test"], y_pred, prepared.target_names)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"study {summary['study']}: {summary['num_trials']} trials, {summary['total_epochs']} epochs in all")
+    print(f"{'trial':<12} {'status':<11} {'epochs':>6} {'val_loss':>10}  config")
+    for t in sorted(summary["trials"], key=lambda t: (t["val_loss"] is None, t["val_loss"] or 0)):
+        loss = f"{t['val_loss']:.4f}" if t["val_loss"] is not None else "-"
+        print(f"{t['trial_id']:<12} {t['status']:<11} {t['epochs']:>6} {loss:>10}  {json.dumps(t['config'])}")
+    if summary["best_test_metrics"]:
+        m = summary["best_test_metrics"]
+        print(f"best: {summary['best_trial_id']} val_loss {summary['best_val_loss']:.4f}; test mse {m['mse']:.4f} "
+              f"(raw units), r2 {m['r2']:.3f}; checkpoint {summary['best_checkpoint']}")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m raypd.tune", description="Run a hyperparameter study on Ray Tune.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", help="a study in tune_configs/ (base, lr, layers, filters, smoke)")
+    which.add_argument("--config", help="a study file elsewhere")
+    p.add_argument("--searcher", choices=["optuna", "hyperopt"], help="overrides search.searcher")
+    p.add_argument("--root", default="runs", help="datasets, studies and mlflow.db go here (default %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study key, value in YAML (e.g. --set search.num_samples=4)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///ROOT/mlflow.db)")
+    p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved study as JSON and exit")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        path = study_path(args.study, args.config)
+        sets = list(args.set) + ([f"search.searcher={args.searcher}"] if args.searcher else [])
+        config = load_config(str(path), sets)
+        name = args.study or path.stem
+        if args.print_config:
+            print(json.dumps({"study": name, **to_dict(config)}, indent=1))
+            return 0
+        if Path(args.root).exists() and not Path(args.root).is_dir():
+            raise ValueError(f"--root {args.root} is a file; it must be a folder")
+        print_summary(run_study(config, name, args.root, args.tracking_uri, args.address))
+        return 0
+
+    run_main("raypd.tune", body)
+
+
+if __name__ == "__main__":
+    main()
