@@ -245,11 +245,12 @@ class Config:
         return self
 
 
-def parse_set(assignments: list[str]) -> dict:
-    """`--set a.b=value` pairs as a nested dict; values parse as YAML (`[64,128]`, `1e-3`)."""
+def apply_sets(values: dict, assignments: list[str]) -> dict:
+    """`--set a.b=value` on top of `values`; a value parses as YAML (`[64,128]`, `1e-3`,
+    `{int: [1, 4]}`) and replaces what was at a.b."""
     import yaml
 
-    out: dict = {}
+    out = merge({}, values)
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -258,24 +259,24 @@ def parse_set(assignments: list[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({exc.problem})") from None
-        if isinstance(value, str) and "e" in value.lower():
+        if isinstance(value, str):
             try:  # YAML 1.1 reads 1e-3 as a string
                 value = float(value)
             except ValueError:
                 pass
         node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            if not isinstance(node.get(part, {}), dict):
+                raise ValueError(f"--set {item!r}: {part} is not a section")
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r} conflicts with another --set of {part}")
-        node[parts[-1]] = value
+        node[leaf] = value
     return out
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Nested dict merge: override's leaves win."""
-    out = dict(base)
+    """Nested dict merge (copies): override's leaves win."""
+    out = {k: merge(v, {}) if isinstance(v, dict) else v for k, v in base.items()}
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
@@ -301,7 +302,7 @@ def load_config(path: str | None = None, sets: list[str] | tuple = ()) -> Config
             raise ValueError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must be a mapping of sections (data, model, train)")
-    values = merge(values, parse_set(list(sets)))
+    values = apply_sets(values, list(sets))
     return from_dict(Config, values).validate()
 
 

@@ -214,17 +214,27 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
                            tune_config=tune_config(config, concurrent))
     results = tuner.fit()
     summary = summarise(config, name, results, prepared, study_dir)
-    best_run = summary["best_trial_id"]
-    if best_run:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        experiment = client.get_experiment_by_name(f"raypd-{name}")
-        for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_id = '{best_run}'"):
-            client.set_tag(run.info.run_id, "best_checkpoint", summary["best_checkpoint"])
-            client.set_tag(run.info.run_id, "best_trial", "true")
+    finish_mlflow(tracking_uri, name, summary)
     write_json(study_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def finish_mlflow(tracking_uri: str, name: str, summary: dict) -> None:
+    """Tag the best trial's run with its checkpoint. A study killed before Tune saved its
+    state loses the trials it had just started (the searcher proposes new ones on resume):
+    their runs are deleted, so the experiment holds exactly one run per trial."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(f"raypd-{name}")
+    trial_ids = {t["trial_id"] for t in summary["trials"]}
+    for run in client.search_runs([experiment.experiment_id], max_results=50_000):
+        trial_id = run.data.tags.get("trial_id")
+        if trial_id not in trial_ids:
+            client.delete_run(run.info.run_id)
+        elif trial_id == summary["best_trial_id"]:
+            client.set_tag(run.info.run_id, "best_checkpoint", summary["best_checkpoint"])
+            client.set_tag(run.info.run_id, "best_trial", "true")
 
 
 def tune_config(config: Config, concurrent: int):

@@ -1,0 +1,167 @@
+"""raypd.tune: a real study (Ray Tune, Optuna/HyperOpt, ASHA, MLflow on sqlite), resume
+after a kill, summary, and bad study input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raypd.config import load_config
+from raypd.tune import resolve, run_study, trial_resources
+from tests.conftest import REPO, run_cli, snapshot
+
+SMOKE = str(REPO / "tune_configs" / "smoke.yaml")
+
+
+def runs_of(root: Path, study: str):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(f"raypd-{study}")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    return root, run_study(load_config(SMOKE), "smoke", root)
+
+
+def test_smoke_study_end_to_end(smoke):
+    root, summary = smoke
+    assert summary["num_trials"] == 4 and len({t["trial_id"] for t in summary["trials"]}) == 4
+    assert all(t["status"] == "TERMINATED" and 1 <= t["epochs"] <= 3 for t in summary["trials"])
+    assert summary["total_epochs"] < 12  # ASHA stopped some trials early
+    best = min(summary["trials"], key=lambda t: t["val_loss"])
+    assert summary["best_trial_id"] == best["trial_id"] and summary["best_val_loss"] == best["val_loss"]
+    assert 1e-3 <= summary["best_config"]["train.lr"] <= 1e-2
+    assert Path(summary["best_checkpoint"], "state.pt").exists()
+    test = summary["best_test_metrics"]
+    assert test["target_names"][1] == "mu_1" and test["per_target"]["mu_1"]["mse"] == 0.0
+    assert json.loads((root / "tune" / "smoke" / "summary.json").read_text()) == summary
+
+
+def test_mlflow_has_one_run_per_trial_with_tags_and_epochs(smoke):
+    root, summary = smoke
+    client, runs = runs_of(root, "smoke")
+    assert len(runs) == 4
+    assert {r.data.tags["trial_id"] for r in runs} == {t["trial_id"] for t in summary["trials"]}
+    for run in runs:
+        tags = run.data.tags
+        assert tags["study"] == "smoke" and tags["content_hash"].startswith("sha256:")
+        assert tags["data_seed"] == "42" and tags["raypd_version"]
+        assert "train.lr" in run.data.params
+        trial = next(t for t in summary["trials"] if t["trial_id"] == tags["trial_id"])
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert len(history) == trial["epochs"]
+    best = [r for r in runs if r.data.tags.get("best_trial") == "true"]
+    assert len(best) == 1 and best[0].data.tags["best_checkpoint"] == summary["best_checkpoint"]
+
+
+def test_finished_study_prints_its_summary(smoke):
+    root, summary = smoke
+    before = snapshot(root / "tune")
+    start = time.perf_counter()
+    result = run_cli("raypd.tune", "--study", "smoke", "--root", str(root), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"best: {summary['best_trial_id']}" in result.stdout and time.perf_counter() - start < 20
+    assert snapshot(root / "tune") == before
+
+
+def test_same_root_other_settings_is_refused(smoke):
+    root, _ = smoke
+    with pytest.raises(ValueError, match="run with other settings"):
+        run_study(load_config(SMOKE, ["train.epochs=2"]), "smoke", root)
+
+
+def test_hyperopt_with_derived_space(ray_local, tmp_path):
+    config = load_config(SMOKE, [
+        "search.searcher=hyperopt", "search.num_samples=3", "train.epochs=1",
+        "search.space={conv_layers: {int: [1, 2]}, train.lr: {choice: [0.001, 0.003]}}",
+        "search.derive={model.filters: {repeat: [8, conv_layers]}, model.kernel_sizes: {repeat: [3, conv_layers]}}"])
+    summary = run_study(config, "hyper", tmp_path)
+    assert summary["num_trials"] == 3 and summary["searcher"] == "hyperopt"
+    for trial in summary["trials"]:
+        assert trial["config"]["conv_layers"] in (1, 2) and trial["config"]["train.lr"] in (0.001, 0.003)
+        model = resolve(config, trial["config"]).model
+        assert model.filters == [8] * trial["config"]["conv_layers"] == [8] * len(model.kernel_sizes)
+
+
+def test_concurrency_fits_the_cluster():
+    local = load_config(SMOKE)
+    assert trial_resources(local, {"CPU": 2}) == ({"cpu": 1, "gpu": 0}, 2)
+    group = load_config(SMOKE, ["train.num_workers=1"])
+    assert trial_resources(group, {"CPU": 2})[1] == 1  # two such trials deadlock on 2 CPUs
+    assert trial_resources(load_config(SMOKE, ["train.num_workers=1", "train.use_gpu=true"]),
+                           {"CPU": 16, "GPU": 2})[1] == 2
+    with pytest.raises(ValueError, match="one trial needs 3 CPUs"):
+        trial_resources(load_config(SMOKE, ["train.num_workers=2"]), {"CPU": 2})
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_without_rerunning_or_doubling(tmp_path):
+    args = ["raypd.tune", "--study", "smoke", "--root", str(tmp_path), "--set", "train.epochs=6",
+            "--set", "search.num_samples=6", "--set", "search.scheduler=fifo"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = tmp_path / "tune" / "smoke" / "trials"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(trials.glob("*/checkpoints/last/state.pt"))) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from raypd.train import read_state
+
+    before = {p.parents[2].name: read_state(p.parent)["history"] for p in trials.glob("*/checkpoints/last/state.pt")}
+    assert len(before) >= 3 and not (tmp_path / "tune" / "smoke" / "summary.json").exists()
+
+    result = run_cli(*args, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "tune" / "smoke" / "summary.json").read_text())
+    assert summary["num_trials"] == 6 and len({t["trial_id"] for t in summary["trials"]}) == 6
+    assert all(t["epochs"] == 6 for t in summary["trials"])
+    for trial_id, history in before.items():  # epochs done before the kill were kept, not re-run
+        after = read_state(trials / trial_id / "checkpoints" / "last")["history"]
+        assert after[: len(history)] == history
+    _, runs = runs_of(tmp_path, "smoke")
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t["trial_id"] for t in summary["trials"])
+
+
+@pytest.mark.parametrize("yaml_text, args, message", [
+    ("search: {space: {train.lr: {loguniform: [0, 1]}}}\n", [], "search.space.train.lr: loguniform needs 0 < lo"),
+    ("search: {space: {train.lr: {normal: [0, 1]}}}\n", [], "search.space.train.lr must be one of"),
+    ("search: {space: {conv: {int: [1]}}}\n", [], "search.space.conv: int needs a list of (2, 3)"),
+    ("search: {space: {train.lrr: {uniform: [0.1, 0.2]}}}\n", [], "search space: unknown key train.lrr"),
+    ("search: {derive: {model.filters: {repeat: [8, nope]}}}\n", [], "repeat needs [value, VARIABLE]"),
+    ("search: {searcher: grid}\n", [], "search.searcher must be one of optuna, hyperopt"),
+    ("search: {num_samples: 0}\n", [], "search.num_samples must be >= 1"),
+    ("searchh: {}\n", [], "unknown key searchh"),
+    ("train: {epochs: three}\n", [], "train.epochs must be int"),
+    ("", ["--set", "search.space=5"], "search.space must be a mapping"),
+    ("", ["--searcher", "grid"], "argument --searcher: invalid choice"),
+])
+def test_bad_study_exits_2_with_one_line(tmp_path, yaml_text, args, message):
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml_text)
+    (tmp_path / "root").mkdir()
+    before = snapshot(tmp_path)
+    result = run_cli("raypd.tune", "--config", str(study), "--root", str(tmp_path / "root"), *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_missing_study_and_print_config(tmp_path):
+    result = run_cli("raypd.tune", "--study", "nope")
+    assert result.returncode == 2 and "no study 'nope': tune_configs/ holds" in result.stderr
+    assert "filters" in result.stderr and "smoke" in result.stderr
+    result = run_cli("raypd.tune", "--study", "layers", "--print-config", "--set", "search.num_samples=3")
+    printed = json.loads(result.stdout)
+    assert printed["study"] == "layers" and printed["search"]["num_samples"] == 3
+    assert printed["search"]["derive"]["model.filters"] == {"repeat": [64, "conv_layers"]}
