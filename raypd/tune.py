@@ -74,13 +74,15 @@ def resolve(config: Config, params: dict) -> Config:
 
 def check_space(config: Config) -> None:
     """Both corners of the space (all lows, all highs) must make valid configs."""
+    from raypd.train import check_fits
+
     for pick in (0, -1):
         params = {}
         for name, spec in config.search.space.items():
             kind, args = next(iter(spec.items()))
             params[name] = args[pick] if kind == "choice" else args[0 if pick == 0 else 1]
         try:
-            resolve(config, params)
+            check_fits(resolve(config, params), config.data.time_points)
         except (ValueError, KeyError) as exc:
             raise ValueError(f"search space: {exc}") from None
 

@@ -139,6 +139,8 @@ def test_killed_study_resumes_without_rerunning_or_doubling(tmp_path):
     ("search: {space: {train.lrr: {uniform: [0.1, 0.2]}}}\n", [], "search space: unknown key train.lrr"),
     ("search: {derive: {model.filters: {repeat: [8, nope]}}}\n", [], "repeat needs [value, VARIABLE]"),
     ("search: {searcher: grid}\n", [], "search.searcher must be one of optuna, hyperopt"),
+    ("search: {space: {n: {int: [1, 8]}}, derive: {model.filters: {repeat: [8, n]}, "
+     "model.kernel_sizes: {repeat: [3, n]}}}\n", [], "search space: model.filters has 8 conv blocks"),
     ("search: {num_samples: 0}\n", [], "search.num_samples must be >= 1"),
     ("searchh: {}\n", [], "unknown key searchh"),
     ("train: {epochs: three}\n", [], "train.epochs must be int"),
