@@ -72,3 +72,43 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
         raise ValueError(f"cannot start or reach Ray at {address}: nothing answers there ({exc}); "
                          "start a cluster with `ray start --head` or leave --address out "
                          "for a local Ray") from None
+
+
+def check_shared(folder) -> None:
+    """On a multi-node cluster every node must see `folder` (datasets, checkpoints and trial
+    folders are written by one node and read by others): a marker written here must be
+    readable on every alive node, or this is a ValueError naming the nodes that miss it."""
+    import uuid
+    from pathlib import Path
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = folder / f".raypd-shared-{token}"
+    marker.write_text(token)
+
+    @ray.remote(num_cpus=0)
+    def sees_marker(path: str, expected: str) -> bool:
+        try:
+            return Path(path).read_text() == expected
+        except OSError:
+            return False
+
+    try:
+        seen = ray.get([sees_marker.options(
+            name="raypd.check_shared",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker), token)
+            for n in nodes], timeout=120)
+    finally:
+        marker.unlink()
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ValueError(f"{folder} is not shared storage: nodes {', '.join(blind)} do not see it; on a "
+                         "multi-node cluster put --root/--out on a filesystem every node mounts at the "
+                         "same path (NFS/EFS, /mnt/raypd in cluster.yaml)")

@@ -136,6 +136,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     num_workers: int = 1
     use_gpu: bool | None = None
+    gpus_per_worker: float = 1.0  # fractional (0.5: two workers share a GPU) when use_gpu
     seed: int = 0
     split_seed: int = 0
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -149,6 +150,8 @@ class TrainConfig:
             (self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})"),
             (self.grad_clip > 0, f"train.grad_clip must be > 0 (got {self.grad_clip})"),
             (self.num_workers >= 0, f"train.num_workers must be >= 0 (got {self.num_workers})"),
+            (0 < self.gpus_per_worker and (self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer()),
+             f"train.gpus_per_worker must be a fraction in (0, 1] or a whole number (got {self.gpus_per_worker})"),
             (self.seed >= 0 and self.split_seed >= 0, "train.seed and train.split_seed must be >= 0"),
             (all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,
              f"train.split must be three fractions > 0 that add up to 1 (got {list(self.split)})"),

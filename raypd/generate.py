@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from raypd import __version__, ode
-from raypd.cli import ArgumentParser, init_ray, run_main
+from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
 from raypd.config import RANGE_FIELDS, DataConfig, from_dict, to_dict
 
 MANIFEST = "manifest.json"
@@ -175,7 +175,7 @@ def _block_plan(samples: int, block_size: int) -> list[tuple[int, int]]:
     return [(first, min(block_size, samples - first)) for first in range(0, samples, block_size)]
 
 
-def _write_blocks(batch: dict, config: dict, staging: str, plan: list) -> dict:
+def generate_block(batch: dict, config: dict, staging: str, plan: list) -> dict:
     """Ray Data map_batches body: generate each listed block into its own Parquet file.
 
     A block whose file is already in the staging folder (an earlier, interrupted run) is not
@@ -184,7 +184,10 @@ def _write_blocks(batch: dict, config: dict, staging: str, plan: list) -> dict:
     import pyarrow.parquet as pq
 
     cfg = from_dict(DataConfig, config)
-    out = {"block": [], "draws": [], "digests": []}
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    out = {"block": [], "draws": [], "digests": [], "node": []}
     for block in batch["id"]:
         first, count = plan[int(block)]
         path = Path(staging) / _block_file(first, count)
@@ -194,6 +197,7 @@ def _write_blocks(batch: dict, config: dict, staging: str, plan: list) -> dict:
             out["block"].append(int(block))
             out["draws"].append(meta["draws"])
             out["digests"].append(digest_path.read_bytes())
+            out["node"].append(node)
             continue
         columns, draws = generate_samples(cfg, np.arange(first, first + count))
         digests = row_digests(columns)
@@ -205,7 +209,8 @@ def _write_blocks(batch: dict, config: dict, staging: str, plan: list) -> dict:
         out["block"].append(int(block))
         out["draws"].append(draws)
         out["digests"].append(digests)
-    return {k: np.array(v, dtype=object if k == "digests" else np.int64) for k, v in out.items()}
+        out["node"].append(node)
+    return {k: np.array(v, dtype=object if k in ("digests", "node") else np.int64) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -259,6 +264,7 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
     import ray
 
     init_ray(address)
+    check_shared(out.parent)
     settings = to_dict(config)
     plan = _block_plan(config.samples, block_size)
     staging = out.with_name(f".{out.name}.staging")
@@ -267,17 +273,20 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
     start = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar, in samples, below
+    # The dashboard shows these tasks as MapBatches(generate_block).
     ds = ray.data.range(len(plan), override_num_blocks=len(plan)).map_batches(
-        _write_blocks, batch_size=1, num_cpus=1,
+        generate_block, batch_size=1, num_cpus=1,
         fn_kwargs={"config": settings, "staging": str(staging), "plan": plan},
     )
     digests: list[bytes | None] = [None] * len(plan)
     draws = 0
+    nodes = set()
     bar = _progress_bar(config.samples, f"generate {out.name}", progress)
     try:
         for row in ds.iter_rows():
             digests[row["block"]] = row["digests"]
             draws += int(row["draws"])
+            nodes.add(row["node"])
             bar.update(plan[row["block"]][1])
     except Exception as exc:  # a user error raised inside a block comes back wrapped
         cause = _user_error(exc)
@@ -312,6 +321,7 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
         "draws": draws,
         "acceptance": config.samples / draws,
         "generation_seconds": round(time.perf_counter() - start, 3),
+        "generation_nodes": len(nodes),  # how many Ray nodes generated blocks (not content)
     }
     _publish(staging, out, manifest)
     return manifest

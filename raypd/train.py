@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raypd.cli import ArgumentParser, init_ray, run_main
+from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
 from raypd.config import Config, from_dict, load_config, to_dict
 from raypd.dataset import Prepared, load_dataset, metrics, prepare, write_json
 
@@ -98,7 +98,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved)
         if in_tune:  # the trial's folder holds the checkpoints; Tune takes the metrics
-            ray.tune.report(metrics_)
+            ray.tune.report({**metrics_, "node_id": ray.get_runtime_context().get_node_id()})
         elif rank == 0:
             # Ray records the metrics and copies the checkpoint into the run's storage.
             ray.train.report(metrics_, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir / "last"),
@@ -141,12 +141,15 @@ def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: b
 # --------------------------------------------------------------------------- driver side
 
 
-def use_gpu(config: Config) -> bool:
-    import ray
-
+def use_gpu(config: Config, cluster: dict | None = None) -> bool:
+    """train.use_gpu, or (when unset) whether the cluster (default: the connected one) has GPUs."""
     if config.train.use_gpu is not None:
         return config.train.use_gpu
-    return ray.cluster_resources().get("GPU", 0) > 0
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    return cluster.get("GPU", 0) > 0
 
 
 def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: bool = False) -> None:
@@ -175,7 +178,9 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=loop_config["use_gpu"]),
+        scaling_config=ScalingConfig(
+            num_workers=config.train.num_workers, use_gpu=loop_config["use_gpu"],
+            resources_per_worker={"CPU": 1, "GPU": config.train.gpus_per_worker} if loop_config["use_gpu"] else None),
         run_config=RunConfig(name=name, storage_path=str(workdir / "ray"), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     ).fit()
@@ -225,11 +230,13 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     if data_dir is None:
         check_fits(config, config.data.time_points)
         init_ray(address)
+        check_shared(Path(root))
         data_dir = dataset_dir(config, Path(root))
         generate(config.data, data_dir)
     dataset = load_dataset(data_dir)
     check_fits(config, dataset.series.shape[2])
     init_ray(address)
+    check_shared(workdir.parent)
     import ray
 
     data = prepare(dataset, config.train)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from raypd import __version__
-from raypd.cli import ArgumentParser, init_ray, run_main
+from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
 from raypd.config import Config, from_dict, load_config, merge, to_dict
 from raypd.dataset import load_dataset, metrics, prepare, write_json
 
@@ -93,24 +93,25 @@ def check_space(config: Config) -> None:
 def trial_resources(config: Config, cluster: dict) -> tuple[dict, int]:
     """(resources of one trial, how many trials fit at once).
 
-    A local-mode trial holds 1 CPU (and a GPU when training uses GPUs). A worker-group trial
-    holds 1 CPU for its driver function and starts num_workers workers of 1 CPU (+1 GPU)
+    A local-mode trial holds 1 CPU (and gpus_per_worker GPUs when training uses GPUs). A
+    worker-group trial holds 1 CPU for its driver function and starts num_workers workers of
+    1 CPU (+ gpus_per_worker GPUs)
     beside it; counting those too keeps concurrent trials from waiting on each other's
     workers (on 2 CPUs, two trials of one 1-CPU worker each deadlocked in a probe)."""
     from raypd.train import use_gpu
 
-    gpu = use_gpu(config)
+    gpu = use_gpu(config, cluster)
     workers = config.train.num_workers
     cpus_per_trial = 1 + workers
-    gpus_per_trial = (1 if workers == 0 else workers) if gpu else 0
+    gpus_per_trial = config.train.gpus_per_worker * max(workers, 1) if gpu else 0
     fit = math.floor(cluster.get("CPU", 0) / cpus_per_trial)
     if gpus_per_trial:
-        fit = min(fit, math.floor(cluster.get("GPU", 0) / gpus_per_trial))
+        fit = min(fit, math.floor(cluster.get("GPU", 0) / gpus_per_trial + 1e-9))
     if fit < 1:
         raise ValueError(f"one trial needs {cpus_per_trial} CPUs and {gpus_per_trial} GPUs; the cluster has "
                          f"{cluster.get('CPU', 0)} CPUs and {cluster.get('GPU', 0)} GPUs (lower train.num_workers)")
     limit = config.search.max_concurrent or fit
-    resources = {"cpu": 1, "gpu": (1 if gpu and workers == 0 else 0)}
+    resources = {"cpu": 1, "gpu": config.train.gpus_per_worker if gpu and workers == 0 else 0}
     return resources, max(1, min(limit, fit, config.search.num_samples))
 
 
@@ -193,6 +194,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
             return json.loads((study_dir / SUMMARY_FILE).read_text())
 
     init_ray(address)
+    check_shared(root)
     data_dir = dataset_dir(config, root)
     manifest = generate(config.data, data_dir)
     dataset = load_dataset(data_dir)
@@ -213,7 +215,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
-                           tune_config=tune_config(config, concurrent))
+                           tune_config=tune_config(config, concurrent, name))
     results = tuner.fit()
     summary = summarise(config, name, results, prepared, study_dir)
     finish_mlflow(tracking_uri, name, summary)
@@ -239,7 +241,7 @@ def finish_mlflow(tracking_uri: str, name: str, summary: dict) -> None:
             client.set_tag(run.info.run_id, "best_trial", "true")
 
 
-def tune_config(config: Config, concurrent: int):
+def tune_config(config: Config, concurrent: int, study_name: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -258,7 +260,10 @@ def tune_config(config: Config, concurrent: int):
                                reduction_factor=search.reduction_factor)
                  if search.scheduler == "asha" else FIFOScheduler())
     return tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
-                           scheduler=scheduler, num_samples=search.num_samples, reuse_actors=True)
+                           scheduler=scheduler, num_samples=search.num_samples, reuse_actors=True,
+                           # the dashboard and Tune's table show "<study>_<trial id>"
+                           trial_name_creator=lambda trial: f"{study_name}_{trial.trial_id}",
+                           trial_dirname_creator=lambda trial: f"{study_name}_{trial.trial_id}")
 
 
 def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> dict:
@@ -268,7 +273,7 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
 
     trials = []
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[1]
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("_", 1)[1]
         trial_dir = study_dir / "trials" / trial_id
         state_file = trial_dir / "checkpoints" / "last"
         state = read_state(state_file) if (state_file / "state.pt").exists() else None
@@ -282,6 +287,7 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
             "val_loss": min((h["val_loss"] for h in history), default=None),
             "last_val_loss": history[-1]["val_loss"] if history else None,
             "path": str(trial_dir),
+            "node_id": (result.metrics or {}).get("node_id"),
         })
     done = [t for t in trials if t["val_loss"] is not None]
     best = min(done, key=lambda t: t["val_loss"]) if done else None

@@ -98,6 +98,10 @@ def test_concurrency_fits_the_cluster():
     assert trial_resources(group, {"CPU": 2})[1] == 1  # two such trials deadlock on 2 CPUs
     assert trial_resources(load_config(SMOKE, ["train.num_workers=1", "train.use_gpu=true"]),
                            {"CPU": 16, "GPU": 2})[1] == 2
+    half = load_config(SMOKE, ["train.num_workers=2", "train.use_gpu=true", "train.gpus_per_worker=0.5"])
+    assert trial_resources(half, {"CPU": 16, "GPU": 1})[1] == 1  # two workers share one GPU
+    assert trial_resources(load_config(SMOKE, ["train.use_gpu=true", "train.gpus_per_worker=0.25"]),
+                           {"CPU": 16, "GPU": 1}) == ({"cpu": 1, "gpu": 0.25}, 4)
     with pytest.raises(ValueError, match="one trial needs 3 CPUs"):
         trial_resources(load_config(SMOKE, ["train.num_workers=2"]), {"CPU": 2})
 

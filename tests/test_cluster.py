@@ -1,0 +1,129 @@
+"""Running on a Ray cluster: the launcher files (Ray's own validator and a security lint),
+two-node runs with ray.cluster_utils.Cluster, and `ray job submit` against a head started
+here on 127.0.0.1."""
+
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import pytest
+import yaml
+
+from raypd.config import DataConfig, load_config
+from raypd.generate import content_hash, generate, generate_samples, row_digests
+from raypd.tune import run_study
+from tests.conftest import REPO
+
+CLUSTER_FILES = [REPO / "cluster.yaml", REPO / "cluster-onprem.yaml"]
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_cluster_file_passes_rays_validator(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(copy.deepcopy(yaml.safe_load(path.read_text())))
+    validate_config(config)
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_cluster_file_keeps_ports_private_and_uses_token_auth(path):
+    text = path.read_text()
+    config = yaml.safe_load(text)
+    assert "0.0.0.0" not in yaml.safe_dump(config)  # in any value (comments may explain it)
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
+              if "ray start" in c]
+    assert starts and all("RAY_AUTH_MODE=token" in c for c in starts)
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "mlflow server --host 127.0.0.1" in head
+    assert config["file_mounts"].get("~/.ray/auth_token", config["file_mounts"].get("/home/ubuntu/.ray/auth_token"))
+    if config["provider"]["type"] == "aws":  # SSH only through a security group the user owns
+        for node in config["available_node_types"].values():
+            assert node["node_config"]["SecurityGroupIds"]
+        gpu = config["available_node_types"]["ray.worker.gpu"]["node_config"]["InstanceType"]
+        assert re.match(r"g[56]", gpu)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head and a worker node of 1 CPU each, on this machine, shut down after the module."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, logging_level="ERROR")
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_generation_spreads_over_nodes_with_the_same_dataset(two_nodes, tmp_path):
+    config = DataConfig(samples=600, seed=21, mu_range=(0.0, 0.0))
+    manifest = generate(config, tmp_path / "ds", block_size=100, progress=False)
+    assert manifest["generation_nodes"] == 2
+    cols, _ = generate_samples(config, np.arange(600))  # one process, no Ray
+    assert manifest["content_hash"] == content_hash(row_digests(cols))
+
+
+@pytest.mark.slow
+def test_smoke_study_places_trials_on_both_nodes(two_nodes, tmp_path):
+    summary = run_study(load_config(str(REPO / "tune_configs" / "smoke.yaml"), ["train.epochs=2"]), "smoke",
+                        tmp_path)
+    assert summary["num_trials"] == 4 and all(t["status"] == "TERMINATED" for t in summary["trials"])
+    assert len({t["node_id"] for t in summary["trials"]}) == 2
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_study(tmp_path):
+    port, dashboard = free_port(), free_port()
+    # token auth on the head, the client and (inherited) the job's driver, as in cluster.yaml
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+    temp_dir = tempfile.mkdtemp(prefix="rpd", dir="/tmp")  # short: Unix socket paths are limited
+    head = subprocess.Popen(
+        ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--block", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dashboard), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        root = tmp_path / "root"
+        job = subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+             "--", "python", "-m", "raypd.tune", "--study", "smoke", "--root", str(root),
+             "--set", "train.epochs=1"],
+            env=env, capture_output=True, text=True, timeout=420)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        summary = json.loads((root / "tune" / "smoke" / "summary.json").read_text())
+        assert summary["num_trials"] == 4
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` and the head it started
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
