@@ -111,11 +111,15 @@ def test_ray_job_submit_runs_a_study(tmp_path):
             except OSError:
                 time.sleep(0.5)
         root = tmp_path / "root"
-        job = subprocess.run(
-            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-             "--", "python", "-m", "raypd.tune", "--study", "smoke", "--root", str(root),
-             "--set", "train.epochs=1"],
-            env=env, capture_output=True, text=True, timeout=420)
+        for _ in range(24):  # the dashboard answers before the head's job agent is ready
+            job = subprocess.run(
+                ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+                 "--", "python", "-m", "raypd.tune", "--study", "smoke", "--root", str(root),
+                 "--set", "train.epochs=1"],
+                env=env, capture_output=True, text=True, timeout=420)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         summary = json.loads((root / "tune" / "smoke" / "summary.json").read_text())
         assert summary["num_trials"] == 4
