@@ -182,6 +182,7 @@ class SearchConfig:
     reduction_factor: int = 3
     num_samples: int = 10
     max_concurrent: int = 0  # 0: as many as the cluster's CPUs and GPUs hold
+    max_failures: int = 2  # retries of a failed trial (from its last checkpoint)
     metric: str = "val_loss"
     mode: str = "min"
     seed: int = 0
@@ -195,7 +196,7 @@ class SearchConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"search.{key} must be one of {', '.join(allowed)} (got {getattr(self, key)!r})")
         for key, low in (("grace_period", 1), ("reduction_factor", 2), ("num_samples", 1), ("max_concurrent", 0),
-                         ("seed", 0)):
+                         ("max_failures", 0), ("seed", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"search.{key} must be >= {low} (got {getattr(self, key)})")
         for name, spec in self.space.items():

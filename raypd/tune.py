@@ -208,7 +208,10 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
             "raypd_version": __version__, "searcher": config.search.searcher}
     resources, concurrent = trial_resources(config, ray.cluster_resources())
     trainable = tune.with_resources(make_trial(config, data_ref, study_dir), resources)
+    # A trial that fails (a lost node, a killed worker) is retried, continuing from its
+    # checkpoints in study_dir/trials/<id>.
     run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
                                 callbacks=[mlflow_callback(tracking_uri, name, tags)])
     if tune.Tuner.can_restore(study_dir):
         print(f"resuming study {name} from {study_dir}", file=sys.stderr)
@@ -282,7 +285,8 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
             "trial_id": trial_id,
             "config": result.config,
             "status": "ERROR" if result.error else "TERMINATED",
-            "error": str(result.error).splitlines()[0] if result.error else None,
+            # the last line of a Ray task error is the exception itself
+            "error": [line for line in str(result.error).splitlines() if line.strip()][-1] if result.error else None,
             "epochs": len(history),
             "val_loss": min((h["val_loss"] for h in history), default=None),
             "last_val_loss": history[-1]["val_loss"] if history else None,

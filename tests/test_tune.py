@@ -171,3 +171,22 @@ def test_missing_study_and_print_config(tmp_path):
     printed = json.loads(result.stdout)
     assert printed["study"] == "layers" and printed["search"]["num_samples"] == 3
     assert printed["search"]["derive"]["model.filters"] == {"repeat": [64, "conv_layers"]}
+
+
+def test_a_diverging_trial_is_an_error_and_the_study_goes_on(ray_local, tmp_path):
+    """lr 1e30 drives the weights to inf: the loop stops with FloatingPointError; Tune and
+    MLflow record that trial as failed, the other trials finish."""
+    config = load_config(SMOKE, ["search.num_samples=4", "train.epochs=2", "search.scheduler=fifo",
+                                 "search.max_failures=0",  # the failure is deterministic: no retries
+                                 "search.space={train.lr: {choice: [1.0e+30, 0.001]}}", "search.seed=0"])
+    summary = run_study(config, "nan", tmp_path)
+    errored = [t for t in summary["trials"] if t["status"] == "ERROR"]
+    fine = [t for t in summary["trials"] if t["status"] == "TERMINATED"]
+    assert errored and fine and len(errored) + len(fine) == 4  # Optuna, seed 0: one of four
+    assert all(t["config"]["train.lr"] == 1e30 for t in errored)
+    assert all(t["error"].startswith("FloatingPointError: validation loss became") for t in errored)
+    assert summary["best_config"]["train.lr"] == 0.001
+    client, runs = runs_of(tmp_path, "nan")
+    status = {r.data.tags["trial_id"]: r.info.status for r in runs}
+    assert {status[t["trial_id"]] for t in errored} == {"FAILED"}
+    assert {status[t["trial_id"]] for t in fine} == {"FINISHED"}
