@@ -203,3 +203,20 @@ def test_interrupted_run_publishes_nothing_and_rerun_completes(tmp_path):
     cfg = DataConfig(n_actions=2, samples=800, seed=3)
     cols, _ = generate_samples(cfg, np.arange(800))
     assert manifest["content_hash"] == content_hash(row_digests(cols))
+
+
+def test_ranges_chosen_to_diverge_never_put_nan_or_inf_in_a_dataset(ray_local, tmp_path):
+    """Weak damping and strong mutual reinforcement: many stable-looking draws blow up (or
+    fail the filter); the dataset still holds only finite, bounded series."""
+    cfg = DataConfig(n_actions=2, samples=40, seed=2, gamma_diag_range=(0.1, 1.0), gamma_offdiag_range=(-3.0, -0.5))
+    manifest = generate(cfg, tmp_path / "ds", progress=False)
+    assert manifest["acceptance"] < 0.1  # most draws were rejected
+    _, tables = read_rows(tmp_path / "ds")
+    series = np.concatenate([np.stack(t.column("series").to_numpy(zero_copy_only=False)) for t in tables])
+    assert series.shape[0] == 40 and np.isfinite(series).all() and np.abs(series).max() <= 1e5
+    # where every draw that passes the filter blows up, nothing is written at all
+    hopeless = DataConfig(n_actions=2, samples=4, gamma_diag_range=(0.1, 0.3), gamma_offdiag_range=(-3.0, -1.0),
+                          pi_offdiag_range=(-3.0, -2.0))
+    with pytest.raises(ValueError, match="stays bounded"):
+        generate(hopeless, tmp_path / "hopeless", progress=False)
+    assert not (tmp_path / "hopeless").exists()

@@ -120,3 +120,40 @@ def test_missing_config_file_and_set_values_parse_as_yaml(tmp_path):
                                                       "train.lr=1e-3", "train.use_gpu=false"])
     assert config.model.filters == [64, 128] and config.train.lr == 1e-3 and config.train.use_gpu is False
     assert config.data.mu_range == (0.0, 0.0) and config.data.samples == 10_000
+
+
+@pytest.mark.slow
+def test_training_killed_after_a_checkpoint_continues_from_it(data_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    args = ["raypd.train", "--config", str(REPO / "tune_configs" / "base.yaml"), "--data", str(data_dir),
+            "--out", str(tmp_path / "run"), "--set", "train.epochs=400", "--set", "train.patience=400",
+            "--set", "train.num_workers=0", "--set", "model.filters=[8]", "--set", "model.hidden=[8]"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "run" / "checkpoints" / "last"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if read_state(last)["epoch"] >= 3:
+                break
+        except (OSError, RuntimeError, EOFError, KeyError):
+            pass
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = read_state(last)
+    assert 3 <= killed_at["epoch"] < 400 and not (tmp_path / "run" / "metrics.json").exists()
+
+    result = run_cli(*args, timeout=300)  # the same command again
+    assert result.returncode == 0, result.stderr[-2000:]
+    done = read_state(last)
+    assert done["epoch"] == 400 and json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 400
+    assert done["history"][: killed_at["epoch"]] == killed_at["history"]  # continued, not restarted
