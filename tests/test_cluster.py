@@ -131,3 +131,51 @@ def test_ray_job_submit_runs_a_study(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_losing_a_node_mid_study_loses_and_doubles_nothing(two_nodes, tmp_path):
+    """Remove the worker node once trials run on both nodes: the trial that was there fails,
+    Tune retries it (search.max_failures) on the head from its last checkpoint, and the study
+    ends with every trial complete, once, with one MLflow run each. (Runs last in this module:
+    the fixture's worker node is gone afterwards.)"""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from raypd.train import read_state
+
+    trials = tmp_path / "tune" / "loss" / "trials"
+    removed = {}
+
+    def remove_worker_when_busy():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            states = []
+            for last in trials.glob("*/checkpoints/last"):
+                try:
+                    states.append(read_state(last)["epoch"])
+                except (OSError, RuntimeError, EOFError, KeyError):
+                    pass
+            if sum(e >= 2 for e in states) >= 2:  # two trials under way: one on each node
+                removed["epochs"] = states
+                two_nodes.remove_node(two_nodes.list_all_nodes()[1])
+                return
+            time.sleep(0.1)
+
+    monitor = threading.Thread(target=remove_worker_when_busy)
+    monitor.start()
+    config = load_config(str(REPO / "tune_configs" / "smoke.yaml"),
+                         ["train.epochs=30", "train.patience=30", "search.scheduler=fifo", "search.num_samples=4"])
+    summary = run_study(config, "loss", tmp_path)
+    monitor.join()
+    assert removed, "the worker node was never removed"
+    assert summary["num_trials"] == 4 and len({t["trial_id"] for t in summary["trials"]}) == 4
+    assert all(t["status"] == "TERMINATED" and t["epochs"] == 30 for t in summary["trials"])
+    for trial in summary["trials"]:
+        history = read_state(trials / trial["trial_id"] / "checkpoints" / "last")["history"]
+        assert [h["epoch"] for h in history] == list(range(1, 31))  # no epoch lost or doubled
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("raypd-loss")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t["trial_id"] for t in summary["trials"])
