@@ -206,6 +206,12 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     tracking_uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     tags = {"study": name, "content_hash": manifest["content_hash"], "data_seed": str(config.data.seed),
             "raypd_version": __version__, "searcher": config.search.searcher}
+    if tracking_uri.startswith("sqlite:"):  # keep artifacts under ROOT, not in ./mlruns
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        if client.get_experiment_by_name(f"raypd-{name}") is None:
+            client.create_experiment(f"raypd-{name}", artifact_location=(root / "mlartifacts").as_uri())
     resources, concurrent = trial_resources(config, ray.cluster_resources())
     trainable = tune.with_resources(make_trial(config, data_ref, study_dir), resources)
     # A trial that fails (a lost node, a killed worker) is retried, continuing from its

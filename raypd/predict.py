@@ -1,0 +1,157 @@
+"""Predict the parameters and initial conditions of new time series with a study's best model,
+and re-simulate the series from them.
+
+    python -m raypd.predict --study NAME [--root runs] --input PATH --out FILE.parquet
+
+PATH is a raypd dataset folder or a CSV of one series: a time column, then u_1..u_n,
+a_1..a_n, one row per time point. The output holds, per series: sample_id, params_pred and
+ic_pred (DESIGN §1 layout) and series_resim (the ODE solved from them at the input's times,
+row-major (channel, time); NaN where the predicted system diverges).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from raypd import ode
+from raypd.cli import ArgumentParser, run_main
+from raypd.config import Config, from_dict
+from raypd.dataset import Prepared, load_dataset, normalise_inputs
+
+
+def load_best(study: str, root: str | Path) -> tuple[Config, dict, Path]:
+    """The study's resolved config for its best trial, its summary and best checkpoint."""
+    from raypd.tune import SUMMARY_FILE, STUDY_FILE, resolve
+
+    study_dir = Path(root) / "tune" / study
+    if not (study_dir / SUMMARY_FILE).exists():
+        raise ValueError(f"{study_dir / SUMMARY_FILE} does not exist: run `python -m raypd.tune --study {study}` "
+                         "first (or pass its --root)")
+    summary = json.loads((study_dir / SUMMARY_FILE).read_text())
+    if not summary.get("best_checkpoint"):
+        raise ValueError(f"study {study} in {study_dir} has no successful trial to predict with")
+    config = resolve(from_dict(Config, json.loads((study_dir / STUDY_FILE).read_text())), summary["best_config"])
+    return config, summary, Path(summary["best_checkpoint"])
+
+
+def read_csv_series(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(times (T,), series (1, 2n, T)) from a CSV: time, u_1..u_n, a_1..a_n."""
+    try:
+        table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable CSV ({exc})") from None
+    names = list(table.dtype.names or [])
+    expected = ["time"] + ode.channel_names(n)
+    if names != expected:
+        raise ValueError(f"{path}: columns must be {', '.join(expected)} for this study's n={n} (got "
+                         f"{', '.join(names) or 'none'})")
+    values = np.atleast_1d(table)
+    columns = np.stack([values[name] for name in names])
+    if not np.isfinite(columns).all():
+        raise ValueError(f"{path}: holds empty, NaN or infinite values")
+    if np.any(np.diff(columns[0]) <= 0):
+        raise ValueError(f"{path}: the time column must increase")
+    return columns[0], columns[1:][None].astype(np.float32)
+
+
+def predict_series(config: Config, prepared_stats: Prepared, checkpoint: Path, series: np.ndarray) -> np.ndarray:
+    """Raw-unit predictions (N, n_targets) of the model in `checkpoint` for raw series (N, 2n, T)."""
+    import torch
+
+    from raypd.model import CNN1D
+    from raypd.train import CHECKPOINT_FILE
+
+    model = CNN1D(config.model, series.shape[1], prepared_stats.n_outputs)
+    model.load_state_dict(torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"])
+    model.eval()
+    x = torch.from_numpy(normalise_inputs(series))
+    with torch.no_grad():
+        out = torch.cat([model(x[i : i + 1024]) for i in range(0, len(x), 1024)]).numpy()
+    return prepared_stats.to_raw(out.astype(np.float64))
+
+
+def target_stats(config: Config, root: Path) -> Prepared:
+    """The study's target standardisation (train-split statistics of its dataset)."""
+    from raypd.dataset import prepare
+    from raypd.train import dataset_dir
+
+    return prepare(load_dataset(dataset_dir(config, root)), config.train)
+
+
+def resimulate(y_pred: np.ndarray, times: np.ndarray, n: int) -> np.ndarray:
+    """Series (N, 2n, T) of the ODE solved from predicted parameters and initial conditions;
+    NaN rows where the predicted system diverges."""
+    n_p = ode.num_params(n)
+    series, _ = ode.solve(y_pred[:, :n_p], y_pred[:, n_p:], times, n)
+    return series
+
+
+def predict(study: str, root: str | Path, input_path: str | Path, out: str | Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypd.train import check_fits
+
+    root, input_path, out = Path(root), Path(input_path), Path(out)
+    config, _, checkpoint = load_best(study, root)
+    n = config.data.n_actions
+    if input_path.is_dir():
+        dataset = load_dataset(input_path)
+        if dataset.n_actions != n:
+            raise ValueError(f"{input_path}: n_actions {dataset.n_actions}, the study's model takes n={n}")
+        series, times, ids = dataset.series, np.asarray(dataset.manifest["time_points"]), dataset.sample_id
+    elif input_path.is_file():
+        times, series = read_csv_series(input_path, n)
+        ids = np.zeros(1, dtype=np.int64)
+    else:
+        raise ValueError(f"--input {input_path} does not exist")
+    if series.shape[2] < 2:
+        raise ValueError(f"{input_path}: {series.shape[2]} time points: need at least 2")
+    try:
+        check_fits(config, series.shape[2])
+    except ValueError as exc:
+        raise ValueError(f"{input_path}: {exc}") from None
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; it must be a .parquet file")
+    y_pred = predict_series(config, target_stats(config, root), checkpoint, series)
+    resim = resimulate(y_pred, times, n)
+    n_p = ode.num_params(n)
+
+    def lists(values: np.ndarray, value_type):
+        flat = values.reshape(len(values), -1)
+        offsets = np.arange(0, flat.size + 1, flat.shape[1], dtype=np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel(), type=value_type))
+
+    table = pa.table({"sample_id": pa.array(ids, type=pa.int64()),
+                      "params_pred": lists(y_pred[:, :n_p], pa.float64()),
+                      "ic_pred": lists(y_pred[:, n_p:], pa.float64()),
+                      "series_resim": lists(resim.astype(np.float32), pa.float32())})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".tmp", delete=False) as tmp:
+        pq.write_table(table, tmp.name)
+    Path(tmp.name).replace(out)
+    return {"series": len(ids), "out": str(out), "diverged": int(np.isnan(resim).any(axis=(1, 2)).sum())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m raypd.predict", description="Predict with a study's best model.")
+    p.add_argument("--study", required=True, help="the study whose best model predicts")
+    p.add_argument("--root", default="runs", help="the study's root (default %(default)s)")
+    p.add_argument("--input", required=True, help="a raypd dataset folder or a CSV of one series")
+    p.add_argument("--out", required=True, help="output .parquet file")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        result = predict(args.study, args.root, args.input, args.out)
+        print(f"{result['out']}: {result['series']} series predicted, {result['diverged']} re-simulations diverged")
+        return 0
+
+    run_main("raypd.predict", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""raypd.report and raypd.predict on a real smoke study: the pictures show data, predict
+round-trips the study's own test metrics, and bad prediction inputs end with exit 2."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raypd.config import load_config
+from raypd.dataset import load_dataset
+from raypd.report import make_report
+from raypd.train import dataset_dir
+from raypd.tune import run_study
+from tests.conftest import REPO, run_cli, snapshot
+
+SMOKE = str(REPO / "tune_configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def study(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    config = load_config(SMOKE)
+    run_study(config, "smoke", root)
+    return root, config
+
+
+def test_report_pictures_show_the_data(study):
+    import matplotlib.image
+
+    root, _ = study
+    report = make_report("smoke", root)
+    page = report.read_text()
+    names = ["curves.png", "true_vs_predicted.png", "resimulated.png", "parallel_coordinates.png", "contour.png"]
+    for name in names:
+        assert f"src='{name}'" in page
+        pixels = matplotlib.image.imread(report.parent / name)[..., :3]
+        ink = (pixels.mean(axis=2) < 0.9).mean()  # share of non-white pixels
+        colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+        assert ink > 0.02 and colours > 20, (name, ink, colours)  # drawn data, not empty axes
+    summary = json.loads((root / "tune" / "smoke" / "summary.json").read_text())
+    assert summary["resimulation_mse"] is not None and np.isfinite(summary["resimulation_mse"])
+    for trial in summary["trials"]:
+        assert trial["trial_id"] in page
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("raypd-smoke")
+    best = client.search_runs([experiment.experiment_id], filter_string="tags.best_trial = 'true'")[0]
+    logged = {a.path for a in client.list_artifacts(best.info.run_id, "report")}
+    assert {f"report/{n}" for n in names + ["report.html"]} <= logged
+    assert str(root) in best.info.artifact_uri  # under ROOT, not ./mlruns
+
+
+def test_predict_round_trips_the_study_test_metrics(study, tmp_path):
+    root, config = study
+    data = dataset_dir(config, root)
+    result = run_cli("raypd.predict", "--study", "smoke", "--root", str(root), "--input", str(data),
+                     "--out", str(tmp_path / "pred.parquet"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(tmp_path / "pred.parquet").to_pydict()
+    dataset = load_dataset(data)
+    summary = json.loads((root / "tune" / "smoke" / "summary.json").read_text())
+    from raypd.dataset import split_ids
+
+    test = split_ids(dataset.sample_id, config.train.split, config.train.split_seed)["test"]
+    y_pred = np.concatenate([np.array(table["params_pred"]), np.array(table["ic_pred"])], axis=1)[test]
+    assert np.mean((y_pred - dataset.targets[test]) ** 2) == pytest.approx(summary["best_test_metrics"]["mse"])
+    resim = np.array(table["series_resim"])
+    assert resim.shape == (dataset.series.shape[0], dataset.series.shape[1] * dataset.series.shape[2])
+
+    # one series as CSV gives the same prediction as inside the dataset
+    times = np.asarray(dataset.manifest["time_points"])
+    csv = tmp_path / "one.csv"
+    rows = np.column_stack([times, dataset.series[5].T])
+    np.savetxt(csv, rows, delimiter=",", header="time,u_1,a_1", comments="")
+    result = run_cli("raypd.predict", "--study", "smoke", "--root", str(root), "--input", str(csv),
+                     "--out", str(tmp_path / "one.parquet"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    one = pq.read_table(tmp_path / "one.parquet").to_pydict()
+    np.testing.assert_allclose(one["params_pred"][0], table["params_pred"][5], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("csv_text, message", [
+    ("time,u_1,a_1,u_2\n0,1,0,1\n1,1,0,1\n", "columns must be time, u_1, a_1 for this study's n=1"),
+    ("time,u_1,a_1\n0,1,0\n", "1 time points: need at least 2"),
+    ("time,u_1,a_1\n0,1,0\n1,nan,0\n2,1,0\n", "holds empty, NaN or infinite values"),
+    ("time,u_1,a_1\n0,1,0\n0,1,0\n", "the time column must increase"),
+])
+def test_bad_prediction_input_exits_2(study, tmp_path, csv_text, message):
+    root, _ = study
+    (tmp_path / "in.csv").write_text(csv_text)
+    before = snapshot(tmp_path)
+    result = run_cli("raypd.predict", "--study", "smoke", "--root", str(root), "--input", str(tmp_path / "in.csv"),
+                     "--out", str(tmp_path / "out.parquet"), timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_report_of_a_missing_study_exits_2(tmp_path):
+    result = run_cli("raypd.report", "--study", "smoke", "--root", str(tmp_path))
+    assert result.returncode == 2 and "summary.json does not exist" in result.stderr
