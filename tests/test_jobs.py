@@ -25,14 +25,17 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_study(tmp_path):
-    port, dashboard = free_port(), free_port()
-    # token auth on the head, the client and (inherited) the job's driver, as in cluster.yaml
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    port, dashboard, agent, agent_grpc, runtime_env, metrics = (free_port() for _ in range(6))
+    # A clean environment (a Ray instance of this process leaves RAY_* variables behind), with
+    # token auth on the head, the client and (inherited) the job's driver, as in cluster.yaml.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONBREAKPOINT"},
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     temp_dir = tempfile.mkdtemp(prefix="rpd", dir="/tmp")  # short: Unix socket paths are limited
     head = subprocess.Popen(
         ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--block", f"--temp-dir={temp_dir}"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+         f"--metrics-export-port={metrics}", "--block", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
