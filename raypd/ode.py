@@ -93,12 +93,6 @@ def _matvec(M: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def observe(x: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    """Observation [u, a] of states x (B, 2n)."""
-    n = mu.shape[1]
-    return np.concatenate([np.maximum(x[:, :n], mu), np.maximum(x[:, n:], 0.0)], axis=1)
-
-
 def rhs(x: np.ndarray, p: Params) -> np.ndarray:
     """x' for states x (B, 2n)."""
     return _Linear.of(p)(x)

@@ -141,7 +141,8 @@ def space_plots(summary: dict, parallel_path: Path, contour_path: Path) -> None:
 
 def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4) -> Path:
     from raypd.dataset import metrics as test_metrics
-    from raypd.predict import load_best, predict_series, resimulate, target_stats
+    from raypd.dataset import prepare
+    from raypd.predict import load_best, predict_series, resimulate
     from raypd.dataset import load_dataset
     from raypd.train import dataset_dir
     from raypd.tune import SUMMARY_FILE
@@ -150,7 +151,7 @@ def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4) -
     config, summary, checkpoint = load_best(study, root)
     study_dir = root / "tune" / study
     dataset = load_dataset(dataset_dir(config, root))
-    stats = target_stats(config, root)
+    stats = prepare(dataset, config.train)  # the study's split and target standardisation
     test = np.searchsorted(dataset.sample_id, stats.sample_ids["test"])
     y_true = stats.raw_targets["test"]
     y_pred = predict_series(config, stats, checkpoint, dataset.series[test])
