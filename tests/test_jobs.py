@@ -8,13 +8,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+
+RAY = str(Path(sys.executable).with_name("ray"))  # the CLI installed beside this interpreter
 
 
 def free_port() -> int:
@@ -32,7 +36,7 @@ def test_ray_job_submit_runs_a_study(tmp_path):
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     temp_dir = tempfile.mkdtemp(prefix="rpd", dir="/tmp")  # short: Unix socket paths are limited
     head = subprocess.Popen(
-        ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
          f"--metrics-export-port={metrics}", "--block", f"--temp-dir={temp_dir}"],
@@ -48,7 +52,7 @@ def test_ray_job_submit_runs_a_study(tmp_path):
         root = tmp_path / "root"
         for _ in range(24):  # the dashboard answers before the head's job agent is ready
             job = subprocess.run(
-                ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+                [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
                  "--", "python", "-m", "raypd.tune", "--study", "smoke", "--root", str(root),
                  "--set", "train.epochs=1"],
                 env=env, capture_output=True, text=True, timeout=420)
