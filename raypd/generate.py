@@ -147,14 +147,27 @@ def content_hash(digests: bytes) -> str:
     return "sha256:" + hashlib.sha256(digests).hexdigest()
 
 
+def list_column(values: np.ndarray, value_type):
+    """One Parquet list column from the rows of `values` (each row flattened)."""
+    import pyarrow as pa
+
+    flat = values.reshape(values.shape[0], -1)
+    offsets = np.arange(0, flat.size + 1, max(flat.shape[1], 1), dtype=np.int32)[: flat.shape[0] + 1]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel(), type=value_type))
+
+
+def write_table_atomic(table, path: Path) -> None:
+    """Write a Parquet file whole or not at all (temporary file, then rename)."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    pq.write_table(table, tmp, compression="zstd")  # smaller and faster than snappy here
+    os.replace(tmp, path)
+
+
 def to_table(columns: dict[str, np.ndarray]):
     """The Parquet schema of DESIGN §2: series is row-major (channel, time), float32."""
     import pyarrow as pa
-
-    def list_column(values: np.ndarray, value_type):
-        flat = values.reshape(values.shape[0], -1)
-        offsets = np.arange(0, flat.size + 1, max(flat.shape[1], 1), dtype=np.int32)[: flat.shape[0] + 1]
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel(), type=value_type))
 
     return pa.table({
         "sample_id": pa.array(columns["sample_id"], type=pa.int64()),
@@ -181,8 +194,6 @@ def generate_block(batch: dict, config: dict, staging: str, plan: list) -> dict:
     A block whose file is already in the staging folder (an earlier, interrupted run) is not
     generated again. Files appear by rename, so a file that exists is complete.
     """
-    import pyarrow.parquet as pq
-
     cfg = from_dict(DataConfig, config)
     import ray
 
@@ -201,11 +212,9 @@ def generate_block(batch: dict, config: dict, staging: str, plan: list) -> dict:
             continue
         columns, draws = generate_samples(cfg, np.arange(first, first + count))
         digests = row_digests(columns)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        pq.write_table(to_table(columns), tmp, compression="zstd")  # smaller and faster than snappy here
         digest_path.write_bytes(digests)
         digest_path.with_suffix(".json").write_text(json.dumps({"draws": draws}))
-        os.replace(tmp, path)  # last: the Parquet file's presence marks the block done
+        write_table_atomic(to_table(columns), path)  # last: the Parquet file marks the block done
         out["block"].append(int(block))
         out["draws"].append(draws)
         out["digests"].append(digests)

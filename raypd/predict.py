@@ -12,7 +12,6 @@ row-major (channel, time); NaN where the predicted system diverges).
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,18 +59,9 @@ def read_csv_series(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def predict_series(config: Config, prepared_stats: Prepared, checkpoint: Path, series: np.ndarray) -> np.ndarray:
     """Raw-unit predictions (N, n_targets) of the model in `checkpoint` for raw series (N, 2n, T)."""
-    import torch
+    from raypd.train import predict_inputs
 
-    from raypd.model import CNN1D
-    from raypd.train import CHECKPOINT_FILE
-
-    model = CNN1D(config.model, series.shape[1], prepared_stats.n_outputs)
-    model.load_state_dict(torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"])
-    model.eval()
-    x = torch.from_numpy(normalise_inputs(series))
-    with torch.no_grad():
-        out = torch.cat([model(x[i : i + 1024]) for i in range(0, len(x), 1024)]).numpy()
-    return prepared_stats.to_raw(out.astype(np.float64))
+    return predict_inputs(config, prepared_stats, checkpoint, normalise_inputs(series))
 
 
 def target_stats(config: Config, root: Path) -> Prepared:
@@ -92,8 +82,8 @@ def resimulate(y_pred: np.ndarray, times: np.ndarray, n: int) -> np.ndarray:
 
 def predict(study: str, root: str | Path, input_path: str | Path, out: str | Path) -> dict:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    from raypd.generate import list_column, write_table_atomic
     from raypd.train import check_fits
 
     root, input_path, out = Path(root), Path(input_path), Path(out)
@@ -121,19 +111,12 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
     resim = resimulate(y_pred, times, n)
     n_p = ode.num_params(n)
 
-    def lists(values: np.ndarray, value_type):
-        flat = values.reshape(len(values), -1)
-        offsets = np.arange(0, flat.size + 1, flat.shape[1], dtype=np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel(), type=value_type))
-
     table = pa.table({"sample_id": pa.array(ids, type=pa.int64()),
-                      "params_pred": lists(y_pred[:, :n_p], pa.float64()),
-                      "ic_pred": lists(y_pred[:, n_p:], pa.float64()),
-                      "series_resim": lists(resim.astype(np.float32), pa.float32())})
+                      "params_pred": list_column(y_pred[:, :n_p], pa.float64()),
+                      "ic_pred": list_column(y_pred[:, n_p:], pa.float64()),
+                      "series_resim": list_column(resim.astype(np.float32), pa.float32())})
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".tmp", delete=False) as tmp:
-        pq.write_table(table, tmp.name)
-    Path(tmp.name).replace(out)
+    write_table_atomic(table, out)
     return {"series": len(ids), "out": str(out), "diverged": int(np.isnan(resim).any(axis=(1, 2)).sum())}
 
 

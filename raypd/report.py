@@ -142,7 +142,8 @@ def space_plots(summary: dict, parallel_path: Path, contour_path: Path) -> None:
 def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4) -> Path:
     from raypd.dataset import metrics as test_metrics
     from raypd.dataset import prepare
-    from raypd.predict import load_best, predict_series, resimulate
+    from raypd.predict import load_best, resimulate
+    from raypd.train import predict_inputs
     from raypd.dataset import load_dataset
     from raypd.train import dataset_dir
     from raypd.tune import SUMMARY_FILE
@@ -154,7 +155,7 @@ def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4) -
     stats = prepare(dataset, config.train)  # the study's split and target standardisation
     test = np.searchsorted(dataset.sample_id, stats.sample_ids["test"])
     y_true = stats.raw_targets["test"]
-    y_pred = predict_series(config, stats, checkpoint, dataset.series[test])
+    y_pred = predict_inputs(config, stats, checkpoint, stats.inputs["test"])  # already normalised
     times = np.asarray(dataset.manifest["time_points"])
     resim = resimulate(y_pred, times, config.data.n_actions)
     ok = ~np.isnan(resim).any(axis=(1, 2))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -193,17 +192,18 @@ def read_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["state"]
 
 
-def predict(config: Config, data: Prepared, checkpoint: Path, split: str = "test") -> np.ndarray:
-    """Raw-unit predictions of the model in `checkpoint` for one split."""
+def predict_inputs(config: Config, data: Prepared, checkpoint: Path, inputs: np.ndarray) -> np.ndarray:
+    """Raw-unit predictions (N, n_targets) of the model in `checkpoint` for normalised inputs
+    (N, 2n, T); `data` supplies the target standardisation."""
     import torch
 
     from raypd.model import CNN1D
 
-    model = CNN1D(config.model, data.inputs[split].shape[1], data.n_outputs)
+    model = CNN1D(config.model, inputs.shape[1], data.n_outputs)
     model.load_state_dict(torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"])
     model.eval()
     with torch.no_grad():
-        x = torch.from_numpy(data.inputs[split])
+        x = torch.from_numpy(np.ascontiguousarray(inputs))
         out = torch.cat([model(x[i : i + 1024]) for i in range(0, len(x), 1024)]).numpy()
     return data.to_raw(out.astype(np.float64))
 
@@ -228,11 +228,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
 
     workdir = Path(workdir)
     if data_dir is None:
-        check_fits(config, config.data.time_points)
-        init_ray(address)
-        check_shared(Path(root))
+        check_fits(config, config.data.time_points)  # before any Ray work
         data_dir = dataset_dir(config, Path(root))
-        generate(config.data, data_dir)
+        generate(config.data, data_dir, address=address)
     dataset = load_dataset(data_dir)
     check_fits(config, dataset.series.shape[2])
     init_ray(address)
@@ -242,7 +240,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     data = prepare(dataset, config.train)
     fit(config, ray.put(data), workdir)
     best = workdir / "checkpoints" / "best"
-    y_pred = predict(config, data, best)
+    y_pred = predict_inputs(config, data, best, data.inputs["test"])
     y_true = data.raw_targets["test"]
     out = metrics(y_true, y_pred, data.target_names)
     history = read_state(workdir / "checkpoints" / "last")["history"]
@@ -256,16 +254,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
 
 def write_predictions(path: Path, sample_ids: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    def column(values):
-        return pa.array(list(values.astype(np.float64)), type=pa.list_(pa.float64()))
+    from raypd.generate import list_column, write_table_atomic
 
-    table = pa.table({"sample_id": pa.array(sample_ids, type=pa.int64()),
-                      "y_true": column(y_true), "y_pred": column(y_pred)})
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        pq.write_table(table, tmp.name)
-    Path(tmp.name).replace(path)
+    write_table_atomic(pa.table({"sample_id": pa.array(sample_ids, type=pa.int64()),
+                                 "y_true": list_column(y_true, pa.float64()),
+                                 "y_pred": list_column(y_pred, pa.float64())}), path)
 
 
 # --------------------------------------------------------------------------- command line

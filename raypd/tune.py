@@ -278,7 +278,7 @@ def tune_config(config: Config, concurrent: int, study_name: str):
 def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> dict:
     """summary.json: the best trial (by its best validation loss), its best checkpoint
     evaluated on the test split in raw units, and one entry per trial."""
-    from raypd.train import predict, read_state
+    from raypd.train import predict_inputs, read_state
 
     trials = []
     for result in results:
@@ -310,7 +310,7 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
                "best_test_metrics": None, "trials": trials}
     if best:
         trial_config = resolve(config, best["config"])
-        y_pred = predict(trial_config, prepared, Path(summary["best_checkpoint"]))
+        y_pred = predict_inputs(trial_config, prepared, Path(summary["best_checkpoint"]), prepared.inputs["test"])
         summary["best_test_metrics"] = metrics(prepared.raw_targets["test"], y_pred, prepared.target_names)
     return summary
 
