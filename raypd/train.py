@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
-from raypd.config import Config, from_dict, load_config, to_dict
+from raypd.config import Config, TrainConfig, from_dict, load_config, to_dict
 from raypd.dataset import Prepared, load_dataset, metrics, prepare, write_json
 
 CHECKPOINT_FILE = "state.pt"
@@ -44,6 +44,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint_dir = Path(loop_config["checkpoint_dir"])
     in_tune = loop_config.get("report_to") == "tune"
 
+    if loop_config["use_gpu"] and not torch.cuda.is_available():
+        context = ray.get_runtime_context()
+        raise RuntimeError(f"training asks for GPUs (train.use_gpu) but node {context.get_node_id()} has no "
+                           f"CUDA device (this process holds {context.get_assigned_resources()})")
     torch.manual_seed(train.seed)
     model = CNN1D(config.model, data.inputs["train"].shape[1], data.n_outputs)
     if in_tune:  # a single-process trial inside Tune: no Train session here, no DDP needed
@@ -140,15 +144,24 @@ def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: b
 # --------------------------------------------------------------------------- driver side
 
 
-def use_gpu(config: Config, cluster: dict | None = None) -> bool:
-    """train.use_gpu, or (when unset) whether the cluster (default: the connected one) has GPUs."""
+def use_gpu(config: Config, capacity=None) -> bool:
+    """train.use_gpu, or (when unset) whether the cluster has GPUs or can grow them: an
+    autoscaling cluster's GPU nodes start only when something asks for a GPU.
+    capacity: a raypd.cluster.Capacity (default: the connected cluster's)."""
     if config.train.use_gpu is not None:
         return config.train.use_gpu
-    if cluster is None:
-        import ray
+    if capacity is None:
+        from raypd.cluster import cluster_capacity
 
-        cluster = ray.cluster_resources()
-    return cluster.get("GPU", 0) > 0
+        capacity = cluster_capacity()
+    return capacity.total("GPU") > 0
+
+
+def ddp_backend(train: TrainConfig, gpu: bool) -> str:
+    """NCCL when every worker owns whole GPUs; gloo on CPUs and when workers hold fractions of
+    a GPU, since then two ranks may sit on one device and NCCL refuses that ("Duplicate GPU
+    detected")."""
+    return "nccl" if gpu and train.gpus_per_worker >= 1 else "gloo"
 
 
 def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: bool = False) -> None:
@@ -161,7 +174,7 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     reports to Tune itself, since Train's API is not available to a Tune function.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     workdir.mkdir(parents=True, exist_ok=True)
     loop_config = {"config": to_dict(config), "data": data_ref, "checkpoint_dir": str(workdir / "checkpoints"),
@@ -177,6 +190,7 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=ddp_backend(config.train, loop_config["use_gpu"])),
         scaling_config=ScalingConfig(
             num_workers=config.train.num_workers, use_gpu=loop_config["use_gpu"],
             resources_per_worker={"CPU": 1, "GPU": config.train.gpus_per_worker} if loop_config["use_gpu"] else None),

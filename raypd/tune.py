@@ -12,6 +12,7 @@ command resumes an interrupted study; re-running a finished one prints its summa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from raypd import __version__
 from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
+from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
 from raypd.dataset import load_dataset, metrics, prepare, write_json
 
@@ -90,36 +92,48 @@ def check_space(config: Config) -> None:
 # --------------------------------------------------------------------------- resources
 
 
-def trial_resources(config: Config, cluster: dict) -> tuple[dict, int]:
-    """(resources of one trial, how many trials fit at once).
+def trial_resources(config: Config, capacity: Capacity) -> tuple[dict, int, bool]:
+    """(resources of a trial's own process, how many trials run at once, use_gpu), from what
+    the cluster has or can grow to (raypd.cluster), not from the nodes that happen to be up.
 
-    A local-mode trial holds 1 CPU (and gpus_per_worker GPUs when training uses GPUs). A
-    worker-group trial holds 1 CPU for its driver function and starts num_workers workers of
-    1 CPU (+ gpus_per_worker GPUs)
-    beside it; counting those too keeps concurrent trials from waiting on each other's
-    workers (on 2 CPUs, two trials of one 1-CPU worker each deadlocked in a probe)."""
+    A local-mode trial is one bundle of 1 CPU (+ gpus_per_worker GPUs when training uses
+    GPUs). A worker-group trial holds 1 CPU for its driver function and starts num_workers
+    workers of 1 CPU (+ gpus_per_worker GPUs) beside it; counting those too keeps concurrent
+    trials from waiting on each other's workers (on 2 CPUs, two trials of one 1-CPU worker
+    each deadlocked in a probe). Trials beyond what is up now are queued by Tune, and their
+    demand is what makes the autoscaler add nodes."""
     from raypd.train import use_gpu
 
-    gpu = use_gpu(config, cluster)
+    gpu = use_gpu(config, capacity)
     workers = config.train.num_workers
-    cpus_per_trial = 1 + workers
-    gpus_per_trial = config.train.gpus_per_worker * max(workers, 1) if gpu else 0
-    fit = math.floor(cluster.get("CPU", 0) / cpus_per_trial)
-    if gpus_per_trial:
-        fit = min(fit, math.floor(cluster.get("GPU", 0) / gpus_per_trial + 1e-9))
+    gpus = config.train.gpus_per_worker if gpu else 0
+    worker = {"CPU": 1, "GPU": gpus}
+    need = f"{1 + workers} CPUs and {gpus * max(workers, 1):g} GPUs"
+    if not capacity.fits(worker):
+        raise ValueError(f"one trial needs {need} ({'1 CPU' if workers == 0 else f'{workers} workers of 1 CPU'}"
+                         f"{f' + {gpus:g} GPU' if gpus else ''} each) and no node can hold "
+                         f"{'it' if workers == 0 else 'a worker'}: {capacity.describe()} (lower "
+                         f"train.gpus_per_worker, or set train.use_gpu=false)")
+    if workers == 0:
+        fit = sum(t.max_nodes * t.holds(worker) for t in capacity.node_types)
+    else:  # a worker group may span nodes
+        fit = math.floor(capacity.total("CPU") / (1 + workers) + 1e-9)
+        if gpus:
+            fit = min(fit, math.floor(capacity.total("GPU") / (gpus * workers) + 1e-9))
     if fit < 1:
-        raise ValueError(f"one trial needs {cpus_per_trial} CPUs and {gpus_per_trial} GPUs; the cluster has "
-                         f"{cluster.get('CPU', 0)} CPUs and {cluster.get('GPU', 0)} GPUs (lower train.num_workers)")
+        raise ValueError(f"one trial needs {need}; {capacity.describe()} (lower train.num_workers)")
     limit = config.search.max_concurrent or fit
-    resources = {"cpu": 1, "gpu": config.train.gpus_per_worker if gpu and workers == 0 else 0}
-    return resources, max(1, min(limit, fit, config.search.num_samples))
+    resources = {"cpu": 1, "gpu": gpus if workers == 0 else 0}
+    return resources, max(1, min(limit, fit, config.search.num_samples)), gpu
 
 
 # --------------------------------------------------------------------------- the trial
 
 
-def make_trial(study: Config, data_ref, study_dir: Path):
-    """The per-trial driver function Tune runs (Ray's Train-inside-Tune pattern)."""
+def make_trial(study: Config, data_ref, study_dir: Path, use_gpu: bool):
+    """The per-trial driver function Tune runs (Ray's Train-inside-Tune pattern). use_gpu is
+    decided once by the driver from what the cluster can grow to, not by each trial from the
+    nodes that are up when it starts."""
 
     def trial(params: dict) -> None:
         from ray import tune
@@ -127,6 +141,7 @@ def make_trial(study: Config, data_ref, study_dir: Path):
         from raypd.train import fit
 
         config = resolve(study, params)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, use_gpu=use_gpu))
         trial_id = tune.get_context().get_trial_id()
         # study_dir/trials/<id> holds the trial's checkpoints: a restored trial continues there
         fit(config, data_ref, study_dir / "trials" / trial_id, name=f"train-{trial_id}", in_tune=True)
@@ -194,6 +209,12 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
             return json.loads((study_dir / SUMMARY_FILE).read_text())
 
     init_ray(address)
+    capacity = cluster_capacity()
+    resources, concurrent, gpu = trial_resources(config, capacity)  # a trial that can never fit stops here
+    gpus = config.train.gpus_per_worker * max(config.train.num_workers, 1) if gpu else 0
+    limited = " (search.max_concurrent)" if concurrent == config.search.max_concurrent else ""
+    print(f"raypd.tune: {concurrent} trial(s) at a time{limited}, each {1 + config.train.num_workers} CPU(s) "
+          f"and {gpus:g} GPU(s); from {capacity.describe()}", file=sys.stderr)
     check_shared(root)
     data_dir = dataset_dir(config, root)
     manifest = generate(config.data, data_dir)
@@ -212,8 +233,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         client = MlflowClient(tracking_uri)
         if client.get_experiment_by_name(f"raypd-{name}") is None:
             client.create_experiment(f"raypd-{name}", artifact_location=(root / "mlartifacts").as_uri())
-    resources, concurrent = trial_resources(config, ray.cluster_resources())
-    trainable = tune.with_resources(make_trial(config, data_ref, study_dir), resources)
+    trainable = tune.with_resources(make_trial(config, data_ref, study_dir, gpu), resources)
     # A trial that fails (a lost node, a killed worker) is retried, continuing from its
     # checkpoints in study_dir/trials/<id>.
     run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,

@@ -16,15 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))  # the CLI installed beside this interpreter
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -53,7 +47,8 @@ def test_ray_job_submit_runs_a_study(tmp_path):
         for _ in range(24):  # the dashboard answers before the head's job agent is ready
             job = subprocess.run(
                 [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-                 "--", "python", "-m", "raypd.tune", "--study", "smoke", "--root", str(root),
+                 # this interpreter: a bare `python` may be another one (a venv run without activation)
+                 "--", sys.executable, "-m", "raypd.tune", "--study", "smoke", "--root", str(root),
                  "--set", "train.epochs=1"],
                 env=env, capture_output=True, text=True, timeout=420)
             if "No available agent" not in job.stderr:

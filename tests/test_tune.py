@@ -13,6 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raypd.config import load_config
+from raypd.cluster import Capacity, NodeType, node_types_from_config
+from raypd.train import ddp_backend, use_gpu
 from raypd.tune import resolve, run_study, trial_resources
 from tests.conftest import REPO, run_cli, snapshot
 
@@ -91,19 +93,55 @@ def test_hyperopt_with_derived_space(ray_local, tmp_path):
         assert model.filters == [8] * trial["config"]["conv_layers"] == [8] * len(model.kernel_sizes)
 
 
+def live(**resources) -> Capacity:
+    return Capacity((NodeType("node", resources, 1),), "live nodes")
+
+
 def test_concurrency_fits_the_cluster():
     local = load_config(SMOKE)
-    assert trial_resources(local, {"CPU": 2}) == ({"cpu": 1, "gpu": 0}, 2)
+    assert trial_resources(local, live(CPU=2)) == ({"cpu": 1, "gpu": 0}, 2, False)
     group = load_config(SMOKE, ["train.num_workers=1"])
-    assert trial_resources(group, {"CPU": 2})[1] == 1  # two such trials deadlock on 2 CPUs
+    assert trial_resources(group, live(CPU=2))[1] == 1  # two such trials deadlock on 2 CPUs
     assert trial_resources(load_config(SMOKE, ["train.num_workers=1", "train.use_gpu=true"]),
-                           {"CPU": 16, "GPU": 2})[1] == 2
+                           live(CPU=16, GPU=2))[1] == 2
     half = load_config(SMOKE, ["train.num_workers=2", "train.use_gpu=true", "train.gpus_per_worker=0.5"])
-    assert trial_resources(half, {"CPU": 16, "GPU": 1})[1] == 1  # two workers share one GPU
+    assert trial_resources(half, live(CPU=16, GPU=1))[1] == 1  # two workers share one GPU
     assert trial_resources(load_config(SMOKE, ["train.use_gpu=true", "train.gpus_per_worker=0.25"]),
-                           {"CPU": 16, "GPU": 1}) == ({"cpu": 1, "gpu": 0.25}, 4)
+                           live(CPU=16, GPU=1)) == ({"cpu": 1, "gpu": 0.25}, 4, True)
     with pytest.raises(ValueError, match="one trial needs 3 CPUs"):
-        trial_resources(load_config(SMOKE, ["train.num_workers=2"]), {"CPU": 2})
+        trial_resources(load_config(SMOKE, ["train.num_workers=2"]), live(CPU=2))
+
+
+def test_resources_come_from_what_an_autoscaling_cluster_can_grow_to():
+    """cluster.yaml right after `ray up`: nothing but a 0-CPU head is up. The node types
+    decide: trials ask for GPUs (so the GPU type starts) and run as many at once as the
+    types' max_workers hold; a trial no node type can hold is refused, naming the types."""
+    import copy
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config
+
+    launcher = prepare_config(copy.deepcopy(yaml.safe_load((REPO / "cluster.yaml").read_text())))
+    grown = Capacity(node_types_from_config(launcher), "cluster.yaml")
+    assert {t.name: t.max_nodes for t in grown.node_types} == {
+        "ray.head.default": 1, "ray.worker.gpu": 4, "ray.worker.cpu": 4}
+    filters = load_config(str(REPO / "tune_configs" / "filters.yaml"))
+    assert trial_resources(filters, grown) == ({"cpu": 1, "gpu": 1.0}, 4, True)  # 4 GPU nodes of 1 GPU
+    quarter = load_config(str(REPO / "tune_configs" / "filters.yaml"), ["train.gpus_per_worker=0.25"])
+    assert trial_resources(quarter, grown)[1] == 12  # num_samples caps 16
+    cpu_only = load_config(str(REPO / "tune_configs" / "filters.yaml"), ["train.use_gpu=false"])
+    assert trial_resources(cpu_only, grown) == ({"cpu": 1, "gpu": 0}, 12, False)  # 4 x 4 + 4 x 16 CPUs
+    assert not use_gpu(filters, Capacity(grown.node_types[:1], "head only"))
+    two_gpus = load_config(str(REPO / "tune_configs" / "filters.yaml"), ["train.gpus_per_worker=2"])
+    with pytest.raises(ValueError, match="no node can hold it: cluster.yaml: ray.head.default"):
+        trial_resources(two_gpus, grown)
+
+
+def test_ddp_backend_allows_ranks_that_share_a_gpu():
+    assert ddp_backend(load_config(SMOKE).train, gpu=False) == "gloo"
+    assert ddp_backend(load_config(SMOKE, ["train.gpus_per_worker=1"]).train, gpu=True) == "nccl"
+    # NCCL refuses two ranks on one device ("Duplicate GPU detected"); gloo does not
+    assert ddp_backend(load_config(SMOKE, ["train.gpus_per_worker=0.5"]).train, gpu=True) == "gloo"
 
 
 @pytest.mark.slow
