@@ -1,4 +1,4 @@
-"""Accuracy of raypd's batched solver against scipy DOP853, for n=1, 2, 3.
+"""Accuracy of raypd's compiled per-sample solver against scipy DOP853, for n=1, 2, 3.
 
     python benchmarks/accuracy_ode.py [--samples-n1 300 --samples-n2 150 --samples-n3 60]
 

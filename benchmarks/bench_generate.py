@@ -1,19 +1,24 @@
 """Generation speed: raypd.generate end to end on Ray Data against a seed-style baseline, in
 one run on this machine.
 
-    python benchmarks/bench_generate.py                 # n=1 (50,000 samples) and n=3
+    python benchmarks/bench_generate.py                 # n=1 (200,000 samples) and n=3 (20,000)
     python benchmarks/bench_generate.py --memory        # also 1,000,000 n=1 samples, peak RSS
+    python benchmarks/bench_generate.py --scaling 1,2,4,8,16   # samples/s for ray.init(num_cpus=k)
 
 (a) baseline, as the seed's package generates: per sample, draw until the stability filter
     (called on that one draw) passes, then one scipy solve_ivp (RK45, rtol 1e-6, atol 1e-9)
-    with a Python right-hand side; redraw if it diverges.
-(b) raypd.generate through Ray Data on local Ray; Ray's start-up is timed separately.
+    with a Python right-hand side; redraw if it diverges. Best of 3 runs of >= 100 samples
+    (one slow run must not flatter the ratio).
+(b) raypd.generate through Ray Data on local Ray with every CPU of the machine; Ray's
+    start-up and the first job on fresh workers are timed separately.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,7 +30,7 @@ from scipy.integrate import solve_ivp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raypd import ode  # noqa: E402
-from raypd.cli import init_ray
+from raypd.cli import init_ray  # noqa: E402
 from raypd.config import DataConfig
 from raypd.generate import generate  # noqa: E402
 from tests.reference import split, stable_one  # noqa: E402  (the loop-per-draw filter)
@@ -102,6 +107,44 @@ class PeakRSS:
         self._read()
 
 
+def best_baseline_rate(config: DataConfig, samples: int, runs: int = 3) -> float:
+    """The best of `runs` baseline runs, each on its own stretch of the random stream."""
+    return max(baseline_rate(dataclasses.replace(config, seed=config.seed + r), samples) for r in range(runs))
+
+
+def compile_cost() -> str:
+    """First call of the compiled solver in a fresh process: with numba's on-disk cache
+    (every run after the first) and with an empty one (the first run of an install)."""
+    code = "import time; t = time.perf_counter(); from raypd import ode; print(time.perf_counter() - t, ode.warm_up(1))"
+    out = []
+    with tempfile.TemporaryDirectory() as cold:
+        for label, env in (("cached", {}), ("empty cache", {"NUMBA_CACHE_DIR": cold})):
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    env={**os.environ, **env}, check=True)
+            imp, first = map(float, result.stdout.split())
+            out.append(f"{label}: import {imp:.2f} s + first call {first:.2f} s")
+    return "; ".join(out)
+
+
+def scaling(counts: list[int], samples_n1: int, samples_n3: int, rtol: float) -> None:
+    """samples/s of raypd.generate on a local Ray limited to k CPUs, for each k."""
+    import ray
+
+    first = None
+    for k in counts:
+        ray.init(address="local", num_cpus=k, include_dashboard=False, logging_level="WARNING")
+        with tempfile.TemporaryDirectory() as tmp:
+            generate(DataConfig(samples=16 * k), Path(tmp) / "warm-up", progress=False)  # start workers
+            rates = []
+            for n, samples in ((1, samples_n1), (3, samples_n3)):
+                config = DataConfig(n_actions=n, samples=samples, seed=123, rtol=rtol, atol=rtol / 100)
+                rates.append(raypd_rate(config, Path(tmp))[0])
+        ray.shutdown()
+        first = first or rates
+        print(f"num_cpus={k:3d}: n=1 {rates[0]:10.1f} samples/s ({rates[0] / first[0]:5.1f}x) | "
+              f"n=3 {rates[1]:9.1f} samples/s ({rates[1] / first[1]:5.1f}x)", flush=True)
+
+
 def raypd_rate(config: DataConfig, workdir: Path) -> tuple[float, float]:
     start = time.perf_counter()
     manifest = generate(config, workdir / f"n{config.n_actions}-{config.samples}", progress=False)
@@ -111,13 +154,20 @@ def raypd_rate(config: DataConfig, workdir: Path) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples-n1", type=int, default=50_000)
-    ap.add_argument("--samples-n3", type=int, default=5_000)
-    ap.add_argument("--baseline-samples", type=int, default=200)
+    ap.add_argument("--samples-n1", type=int, default=200_000)
+    ap.add_argument("--samples-n3", type=int, default=20_000)
+    ap.add_argument("--baseline-samples", type=int, default=100, help="per baseline run, >= 100 (best of 3)")
     ap.add_argument("--rtol", type=float, default=DataConfig.rtol,
                     help="raypd's solver rtol (atol = rtol/100); default %(default)s as in DataConfig")
     ap.add_argument("--memory", action="store_true", help="also 1,000,000 n=1 samples, peak RSS")
+    ap.add_argument("--scaling", help="comma-separated CPU counts k: samples/s with ray.init(num_cpus=k) "
+                                      "(only this, no baseline)")
     args = ap.parse_args()
+    if args.scaling:
+        scaling([int(k) for k in args.scaling.split(",")], args.samples_n1, args.samples_n3, args.rtol)
+        return
+
+    print(f"compiled solver, first call: {compile_cost()}")
 
     start = time.perf_counter()
     init_ray(None)
@@ -137,7 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n, samples in ((1, args.samples_n1), (3, args.samples_n3)):
             config = DataConfig(n_actions=n, samples=samples, seed=123, rtol=args.rtol, atol=args.rtol / 100)
-            base = baseline_rate(config, args.baseline_samples if n == 1 else max(args.baseline_samples // 4, 10))
+            base = best_baseline_rate(config, max(args.baseline_samples, 100))
             fast, acceptance = raypd_rate(config, Path(tmp))
             rows.append((n, samples, base, fast, acceptance))
             print(f"n={n}: baseline {base:8.1f} samples/s | raypd.generate {fast:9.1f} samples/s "

@@ -1,16 +1,25 @@
-"""Training speed: an epoch of raypd.train on Ray Train (1 worker) against a plain PyTorch
-loop over pre-stacked tensors of the same shapes, in one run on this machine.
+"""Training speed as a user waits for it: `python -m raypd.train` against a plain PyTorch loop
+over the same tensors, in one run on this machine.
 
-    python benchmarks/bench_train.py [--epochs 3] [--samples 10000]
+    python benchmarks/bench_train.py [--samples 10000] [--short 3] [--long 13] [--workers 0 1 2]
 
-Both: the notebook's first model (filters [64], kernel 3, hidden [32], dropout 0.3), Adam,
-batch 64, 10,000 n=1 samples split 70/15/15, one epoch = a pass over the 7,000 training
-samples plus the validation loss on 1,500, with the same number of torch threads. The epoch
-time of raypd.train is measured inside the Ray Train worker; Ray Train's start-up (worker
-group, data to the worker, model set-up) is the rest of the fit's wall time.
+For each worker count, the whole command runs twice, for --short and --long epochs; its wall
+time per epoch is the difference divided by the extra epochs, so Ray's and Ray Train's
+start-up cancel out and everything an epoch costs (reports, checkpoints) stays in. Beside it:
+the inner-loop figure (the epochs' own `epoch_seconds`, which leaves the per-epoch reporting
+out) and a plain loop with as many torch threads as the run uses (1 per Ray Train worker; the
+machine's default in local mode, num_workers 0).
+
+All runs: the notebook's first model (filters [64], kernel 3, hidden [32], dropout 0.3), Adam,
+batch 64, n=1 samples split 70/15/15; an epoch is a pass over the training split plus the
+validation loss. An earlier comparison of the data path (object store vs get_dataset_shard +
+iter_torch_batches, 0.52 s vs 1.12 s per epoch) is why raypd hands workers the prepared arrays.
 """
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raypd.cli import init_ray  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from raypd.config import load_config  # noqa: E402
 from raypd.dataset import load_dataset, prepare  # noqa: E402
-from raypd.generate import generate  # noqa: E402
 from raypd.model import CNN1D  # noqa: E402
-from raypd.train import fit, read_state  # noqa: E402
+
+BASE = str(REPO / "tune_configs" / "base.yaml")
 
 
 def plain_epochs(config, data, epochs: int, threads: int) -> list[float]:
@@ -55,86 +64,51 @@ def plain_epochs(config, data, epochs: int, threads: int) -> list[float]:
     return times
 
 
-def dataset_shard_loop(loop_config: dict) -> None:
-    """The same epoch with the data streamed by Ray Data: get_dataset_shard +
-    iter_torch_batches (the documented path), for comparison with raypd's object-store path."""
-    import ray.train
-    import ray.train.torch
-
-    config = loop_config["config"]
-    torch.manual_seed(0)
-    model = ray.train.torch.prepare_model(CNN1D(config.model, loop_config["channels"], loop_config["outputs"]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(config.train.epochs):
-        start = time.perf_counter()
-        model.train()
-        for batch in shard.iter_torch_batches(batch_size=config.train.batch_size, local_shuffle_buffer_size=1000):
-            loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-            optimizer.step()
-        seconds = time.perf_counter() - start
-        ray.train.report({"epoch": epoch + 1, "epoch_seconds": seconds})
-        with open(loop_config["log"], "a") as log:  # one machine: a file is the simplest way back
-            log.write(f"{seconds}\n")
-
-
-def run_dataset_shard(config, data, log: Path) -> list[float]:
-    import ray.data
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    train = ray.data.from_items([{"x": x, "y": y} for x, y in zip(data.inputs["train"], data.targets["train"])])
-    trainer = TorchTrainer(dataset_shard_loop, datasets={"train": train},
-                           train_loop_config={"config": config, "channels": data.inputs["train"].shape[1],
-                                              "outputs": data.n_outputs, "log": str(log)},
-                           scaling_config=ScalingConfig(num_workers=1))
-    trainer.fit()
-    return [float(line) for line in log.read_text().split()]
+def timed_cli(*args) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(args[:1])} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--samples", type=int, default=10_000)
+    ap.add_argument("--short", type=int, default=3)
+    ap.add_argument("--long", type=int, default=13)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
-    init_ray(None)
-    import ray
-
-    config = load_config(str(Path(__file__).resolve().parents[1] / "tune_configs" / "base.yaml"),
-                         [f"data.samples={args.samples}", "train.batch_size=64", "train.num_workers=1",
-                          f"train.epochs={args.epochs}", "train.patience=1000"])
+    sets = [f"data.samples={args.samples}", "train.batch_size=64", "train.patience=1000"]
+    config = load_config(BASE, sets)
     with tempfile.TemporaryDirectory() as tmp:
-        generate(config.data, Path(tmp) / "data", progress=False)
-        data = prepare(load_dataset(Path(tmp) / "data"), config.train)
-
-        @ray.remote(num_cpus=1)
-        def worker_threads() -> int:  # what a 1-CPU Ray worker gives torch
-            import torch
-
-            return torch.get_num_threads()
-
-        threads = ray.get(worker_threads.remote())
-        start = time.perf_counter()
-        fit(config, ray.put(data), Path(tmp) / "run")
-        wall = time.perf_counter() - start
-        history = read_state(Path(tmp) / "run" / "checkpoints" / "last")["history"]
-        shard_epochs = run_dataset_shard(config, data, Path(tmp) / "shard_epochs.txt")
-    ray_epochs = [h["epoch_seconds"] for h in history]
-    plain = plain_epochs(config, data, args.epochs, threads)
-    # the first epoch of each warms up allocators and kernels: compare the others
-    ray_epoch, plain_epoch = np.median(ray_epochs[1:] or ray_epochs), np.median(plain[1:] or plain)
-    print(f"torch threads per worker: {threads}")
-    print(f"raypd.train (Ray Train, 1 worker): epoch {ray_epoch:.2f} s (all: {', '.join(f'{t:.2f}' for t in ray_epochs)})")
-    print(f"plain PyTorch loop:                epoch {plain_epoch:.2f} s (all: {', '.join(f'{t:.2f}' for t in plain)})")
-    print(f"ratio raypd / plain: {ray_epoch / plain_epoch:.2f}x")
-    shard_epoch = np.median(shard_epochs[1:] or shard_epochs)
-    print(f"the same epoch through get_dataset_shard + iter_torch_batches: {shard_epoch:.2f} s "
-          f"({shard_epoch / plain_epoch:.2f}x plain; all: {', '.join(f'{t:.2f}' for t in shard_epochs)})")
-    print(f"Ray Train start-up and wrap-up (fit wall time minus its epochs): {wall - sum(ray_epochs):.1f} s")
-    ray.shutdown()
+        data_dir = Path(tmp) / "data"
+        timed_cli("raypd.generate", "--n-actions", "1", "--samples", str(args.samples), "--seed", "42",
+                  "--mu-range", "0", "0", "--out", str(data_dir), "--no-progress")
+        data = prepare(load_dataset(data_dir), config.train)
+        rows = []
+        for workers in args.workers:
+            walls, inner = {}, []
+            for epochs in (args.short, args.long):
+                out = Path(tmp) / f"run-{workers}-{epochs}"
+                walls[epochs] = timed_cli("raypd.train", "--config", BASE, "--data", str(data_dir), "--out", str(out),
+                                          *[f"--set={s}" for s in sets], f"--set=train.num_workers={workers}",
+                                          f"--set=train.epochs={epochs}")
+                inner = [h["epoch_seconds"] for h in json.loads((out / "metrics.json").read_text())["history"]]
+            wall_epoch = (walls[args.long] - walls[args.short]) / (args.long - args.short)
+            threads = workers or torch.get_num_threads()
+            plain = plain_epochs(config, data, args.long, threads)
+            plain_epoch = float(np.mean(plain[1:]))  # the first warms up allocators and kernels
+            rows.append((workers, threads, walls, wall_epoch, float(np.median(inner[1:])), plain_epoch))
+    print(f"{args.samples} n=1 samples, batch 64, base model; wall per epoch = "
+          f"(wall of {args.long} epochs - wall of {args.short}) / {args.long - args.short}")
+    for workers, threads, walls, wall_epoch, inner_epoch, plain_epoch in rows:
+        name = f"{workers} worker(s)" if workers else "local mode"
+        print(f"raypd.train, {name}: wall {walls[args.short]:.1f} s / {walls[args.long]:.1f} s -> "
+              f"{wall_epoch:.3f} s per epoch; inner loop {inner_epoch:.3f} s; plain loop ({threads} thread(s)) "
+              f"{plain_epoch:.3f} s; ratio wall/plain {wall_epoch / plain_epoch:.2f}x, "
+              f"inner/plain {inner_epoch / plain_epoch:.2f}x")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def _autoscaling_config_file(gcs_address: str) -> Path | None:
         except OSError:
             continue
         args = [a.decode(errors="replace") for a in args]
-        if (any(a.endswith("autoscaler/_private/monitor.py") for a in args)
+        # the v1 (autoscaler/_private) or v2 (autoscaler/v2, as `ray up` starts it) monitor
+        if (any("autoscaler/" in a and a.endswith("/monitor.py") for a in args)
                 and f"--gcs-address={gcs_address}" in args):
             for a in args:
                 if a.startswith("--autoscaling-config="):
@@ -107,8 +108,10 @@ def cluster_capacity() -> Capacity:
     import ray
     import yaml
 
+    # A node type with no resources stated (the local provider's, or a cloud type left for
+    # the launcher to fill in) says nothing: the nodes that are up say more.
     types = _from_gcs()
-    if types:
+    if types and all(t.resources for t in types):
         return Capacity(types, "the autoscaler's node types (GCS)")
     path = _autoscaling_config_file(ray.get_runtime_context().gcs_address)
     if path is not None:
@@ -116,6 +119,6 @@ def cluster_capacity() -> Capacity:
             types = node_types_from_config(yaml.safe_load(path.read_text()) or {})
         except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
             types = ()
-        if types:
+        if types and all(t.resources for t in types):
             return Capacity(types, f"the autoscaler's node types ({path})")
     return Capacity(_from_live_nodes(), "the cluster's live nodes")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 Range = tuple[float, float]
+INPUT_NORMS = ("sample", "sample+scale", "global")  # train.input_norm
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    # how series become model inputs (raypd.dataset.apply_input_norm): "sample" (the notebook's,
+    # per-sample std), "sample+scale" (plus the per-sample scales as inputs), "global"
+    input_norm: str = "sample"
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -153,6 +157,8 @@ class TrainConfig:
             (0 < self.gpus_per_worker and (self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer()),
              f"train.gpus_per_worker must be a fraction in (0, 1] or a whole number (got {self.gpus_per_worker})"),
             (self.seed >= 0 and self.split_seed >= 0, "train.seed and train.split_seed must be >= 0"),
+            (self.input_norm in INPUT_NORMS,
+             f"train.input_norm must be one of {', '.join(INPUT_NORMS)} (got {self.input_norm!r})"),
             (all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,
              f"train.split must be three fractions > 0 that add up to 1 (got {list(self.split)})"),
         ]

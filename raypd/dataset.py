@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raypd.config import DataConfig, TrainConfig, from_dict
-from raypd.generate import MANIFEST, read_manifest
+from raypd.config import INPUT_NORMS, DataConfig, TrainConfig, from_dict
+from raypd.dataio import MANIFEST, read_manifest
 
 
 @dataclass
@@ -112,15 +112,70 @@ def split_ids(sample_ids: np.ndarray, fractions: tuple[float, float, float], see
             "test": np.sort(order[n_train + n_val:])}
 
 
-def normalise_inputs(series: np.ndarray) -> np.ndarray:
+def normalise_inputs(series: np.ndarray, scales: bool = False):
     """Divide each sample's desires (first n channels) and efforts (last n) by that group's
     standard deviation over channels and time; no mean shift (it carries the steady state).
-    A flat group (std 0) is left as it is."""
+    A flat group (std 0) is left as it is. With scales=True, also return each channel's
+    divisor (N, 2n): what this normalisation throws away."""
     n = series.shape[1] // 2
     out = np.empty_like(series, dtype=np.float32)
+    divisors = np.empty(series.shape[:2], dtype=np.float64)
     for group in (slice(0, n), slice(n, 2 * n)):
         std = series[:, group].std(axis=(1, 2), keepdims=True, dtype=np.float64)
         out[:, group] = series[:, group] / np.where(std > 0, std, 1.0)
+        divisors[:, group] = std[:, :, 0]
+    return (out, divisors) if scales else out
+
+
+# The input normalisation as saved with a model: a plain dict that names its kind and holds
+# its parameters (JSON-able, loadable with torch.load(weights_only=True)). Kinds
+# (train.input_norm):
+#   sample:       each sample's channel groups (desires, efforts) divided by that group's
+#                 standard deviation over its channels and time, no mean shift (the notebook's).
+#   sample+scale: the same, plus one more input channel per series channel holding
+#                 log(1 + the divisor it was normalised by), constant over time: the scale
+#                 that `sample` throws away (log1p: a flat group, divisor 0, gives 0).
+#   global:       every sample divided by one scale per channel (its standard deviation over
+#                 the training split's samples and times), no mean shift: levels are kept.
+def fit_input_norm(kind: str, train_series: np.ndarray) -> dict:
+    """Input normalisation `kind` for series (N, 2n, T), fitted on the training split."""
+    n = train_series.shape[1] // 2
+    if kind == "global":
+        scale = train_series.std(axis=(0, 2), dtype=np.float64)
+        return {"kind": kind, "scale": [float(v) if v > 0 else 1.0 for v in scale], "mean_shift": False}
+    assert kind in INPUT_NORMS, kind
+    return {"kind": kind, "groups": [list(range(n)), list(range(n, 2 * n))], "mean_shift": False}
+
+
+def apply_input_norm(series: np.ndarray, norm: dict) -> np.ndarray:
+    """Raw series (N, 2n, T) -> model inputs (float32), by a saved input normalisation."""
+    kind, channels = norm.get("kind"), series.shape[1]
+    if kind in ("sample", "sample+scale"):
+        groups = [list(range(channels // 2)), list(range(channels // 2, channels))]
+        if norm["groups"] != groups:
+            raise ValueError(f"input normalisation {kind!r} with groups {norm['groups']} does not fit "
+                             f"{channels} channels")
+        if kind == "sample":
+            return normalise_inputs(series)
+        normalised, divisors = normalise_inputs(series, scales=True)
+        levels = np.broadcast_to(np.log1p(divisors)[:, :, None], series.shape)
+        return np.concatenate([normalised, levels.astype(np.float32)], axis=1)
+    if kind == "global":
+        scale = np.asarray(norm["scale"], dtype=np.float64)
+        if scale.shape != (channels,):
+            raise ValueError(f"input normalisation 'global' has {scale.size} channel scales; the series have "
+                             f"{channels} channels")
+        return (series / scale[None, :, None]).astype(np.float32)
+    raise ValueError(f"unknown input normalisation {kind!r} (known: {', '.join(INPUT_NORMS)})")
+
+
+def targets_to_raw(standardised: np.ndarray, mean: np.ndarray, std: np.ndarray, varying: np.ndarray) -> np.ndarray:
+    """(N, k) model outputs for the k varying targets -> (N, n_targets) raw-unit predictions;
+    a constant target is predicted as its constant (its mean)."""
+    out = np.tile(np.asarray(mean, dtype=np.float64), (standardised.shape[0], 1))
+    varying = np.asarray(varying, dtype=bool)
+    out[:, varying] = (standardised.astype(np.float64) * np.asarray(std, dtype=np.float64)[varying]
+                       + np.asarray(mean, dtype=np.float64)[varying])
     return out
 
 
@@ -137,6 +192,9 @@ class Prepared:
     varying: np.ndarray  # (n_targets,) bool: targets the model predicts
     mean: np.ndarray  # (n_targets,) train mean; the prediction of a constant target
     std: np.ndarray  # (n_targets,) train std (1 where constant)
+    input_norm: dict  # how inputs were made from raw series (see apply_input_norm)
+    series_shape: tuple[int, int]  # of the raw series (2n, T); inputs may have more channels
+    time_points: list[float]  # the dataset's observation times
 
     @property
     def n_outputs(self) -> int:
@@ -144,9 +202,7 @@ class Prepared:
 
     def to_raw(self, standardised: np.ndarray) -> np.ndarray:
         """(N, k) model outputs -> (N, n_targets) raw-unit predictions."""
-        out = np.tile(self.mean, (standardised.shape[0], 1))
-        out[:, self.varying] = standardised * self.std[self.varying] + self.mean[self.varying]
-        return out
+        return targets_to_raw(standardised, self.mean, self.std, self.varying)
 
 
 def prepare(dataset: Dataset, train: TrainConfig) -> Prepared:
@@ -157,7 +213,8 @@ def prepare(dataset: Dataset, train: TrainConfig) -> Prepared:
     mean, std = train_raw.mean(axis=0), train_raw.std(axis=0)
     varying = std > 1e-12 * np.maximum(1.0, np.abs(mean))
     std = np.where(varying, std, 1.0)
-    inputs = normalise_inputs(dataset.series)
+    input_norm = fit_input_norm(train.input_norm, dataset.series[position["train"]])
+    inputs = apply_input_norm(dataset.series, input_norm)
     return Prepared(
         inputs={k: inputs[p] for k, p in position.items()},
         targets={k: ((raw[p] - mean) / std)[:, varying].astype(np.float32) for k, p in position.items()},
@@ -167,6 +224,9 @@ def prepare(dataset: Dataset, train: TrainConfig) -> Prepared:
         varying=varying,
         mean=mean,
         std=std,
+        input_norm=input_norm,
+        series_shape=tuple(int(d) for d in dataset.series.shape[1:]),
+        time_points=[float(t) for t in dataset.manifest["time_points"]],
     )
 
 

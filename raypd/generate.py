@@ -2,20 +2,19 @@
 
     python -m raypd.generate --n-actions 1 --samples 10000 --seed 42 --mu-range 0 0 --out DIR
 
-Sample i is a pure function of (seed, i): it draws from its own random stream
-(SeedSequence(seed, spawn_key=(i,))), and a draw that fails the stability filter or diverges
-is redrawn from that same stream. A dataset is therefore identical whatever the block size or
-the cluster. Ray Data runs range(blocks) -> map_batches(one block -> one Parquet file in a
-staging folder); the driver only collects a 16-byte digest per row, writes manifest.json and
-renames the staging folder into place, so a dataset appears whole or not at all. An
-interrupted run leaves its finished blocks in the staging folder and the same command picks
-them up again.
+Sample i is a pure function of (seed, i): it draws from its own random stream (Philox4x64
+keyed by (seed, i), raypd.ode), and a draw that fails the stability filter or diverges is
+redrawn from that same stream; draws, filter and solver run compiled, one sample at a time.
+A dataset is therefore identical whatever the block size or the cluster. Ray Data runs
+range(blocks) -> map_batches(one block -> one Parquet file in a staging folder); the driver
+only collects a 16-byte digest per row, writes _manifest.json and renames the staging folder
+into place, so a dataset appears whole or not at all. An interrupted run leaves its finished
+blocks in the staging folder and the same command picks them up again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -28,87 +27,71 @@ import numpy as np
 from raypd import __version__, ode
 from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
 from raypd.config import RANGE_FIELDS, DataConfig, from_dict, to_dict
+from raypd.dataio import (MANIFEST, content_hash, manifest_path, read_manifest, row_digests, to_table,
+                          write_table_atomic)
 
-MANIFEST = "manifest.json"
-# Blocks: at least 4 when there are enough samples, at most 8192 samples each (a block's
-# solver state stays below ~100 MB). Few, large blocks pay off: the slowest trajectory of a
-# block sets how many steps its solver loop runs, a fixed cost per block (~0.2 s for n=1,
-# ~1.4 s for n=3 on this machine's cores), so more blocks than cores mostly adds such tails.
+__all__ = ["MANIFEST", "content_hash", "default_block_size", "generate", "generate_samples",
+           "read_manifest", "row_digests"]
+
+# Blocks (one Ray Data task and one Parquet file each). Each sample is solved on its own, so
+# a block costs the sum of its samples and small blocks waste nothing but per-task overhead
+# (~10 ms): the plan gives every CPU the cluster has, or can grow to, at least
+# BLOCKS_PER_CPU blocks, in whole rounds of one block per CPU, so that no core idles while
+# samples remain. MAX_BLOCK_SIZE bounds a block's memory (its columns, Arrow table and
+# Parquet buffers: ~40 MB at n=3, 201 time points), MIN_BLOCK_SIZE its overhead.
 MAX_BLOCK_SIZE = 8192
+MIN_BLOCK_SIZE = 256
+BLOCKS_PER_CPU = 2
 
 
-def default_block_size(samples: int) -> int:
-    return min(MAX_BLOCK_SIZE, max(256, -(-samples // 4)))
+def default_block_size(samples: int, cpus: float = 2) -> int:
+    """Samples per block for `samples` samples on a cluster of `cpus` CPUs."""
+    cpus = max(1, int(cpus))
+    blocks = max(BLOCKS_PER_CPU * cpus, -(-samples // MAX_BLOCK_SIZE))
+    blocks = -(-blocks // cpus) * cpus  # whole rounds
+    return max(1, min(MAX_BLOCK_SIZE, max(MIN_BLOCK_SIZE, -(-samples // blocks))))
+
+
+def cluster_cpus() -> float:
+    """CPUs of the connected cluster, or what its autoscaler can grow it to."""
+    import ray
+
+    from raypd.cluster import cluster_capacity
+
+    try:
+        cpus = cluster_capacity().total("CPU")
+    except Exception:  # noqa: BLE001 -- sizing only: never fail a run over it
+        cpus = 0
+    return cpus or ray.cluster_resources().get("CPU", 1) or 1
+
 
 # A sample that finds no stable, bounded draw in this many tries means the sampling ranges
 # (almost) never give one: stop with a clear error instead of looping forever.
 MAX_DRAWS_PER_SAMPLE = 20_000
-# Draws tried at once per pending sample: about two expected successes' worth (DESIGN §1:
-# n=1 keeps ~100% of draws, n=2 ~36%, n=3 ~2.4%). Only speed depends on it, never content.
-_DRAWS_PER_ROUND = {1: 2, 2: 8, 3: 96}
 
 
 # --------------------------------------------------------------------------- samples
-
-
-def sample_stream(seed: int, sample_id: int) -> np.random.Generator:
-    """Sample `sample_id`'s own random stream."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(sample_id,))))
 
 
 def generate_samples(config: DataConfig, sample_ids: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
     """Draw, filter and solve the samples `sample_ids`.
 
     Returns the columns (sample_id, params, ic, series float32 (B, 2n, T)) and the number of
-    draws it took. Each sample consumes its own stream in order, one draw (2n + 2n² + 2n
-    uniforms) at a time, and keeps its first draw that passes the stability filter and stays
-    bounded; drawing several per round only batches the work.
+    draws it took. Each sample consumes its own stream (ode.sample_uniforms(seed, id, ...))
+    in order, one draw (2n + 2n² + 2n uniforms) at a time, and keeps its first draw that
+    passes the stability filter and stays bounded.
     """
-    n = config.n_actions
-    n_p = ode.num_params(n)
+    if config.seed >= 2**64:
+        raise ValueError(f"seed must be < 2**64 (got {config.seed})")
     lo, hi = config.bounds()
-    width = lo.size
-    per_round = _DRAWS_PER_ROUND.get(n, 96)
-
     ids = np.asarray(sample_ids, dtype=np.int64)
-    streams = [sample_stream(config.seed, int(i)) for i in ids]
-    unused = [np.empty((0, width)) for _ in ids]  # drawn but not yet tried, in stream order
-    draws = np.zeros(ids.size, dtype=np.int64)
-    chosen = np.empty((ids.size, width))
-
-    def next_stable(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's next draw that passes the stability filter."""
-        pending = np.asarray(rows)
-        while pending.size:
-            worst = pending[draws[pending].argmax()]
-            if draws[worst] >= MAX_DRAWS_PER_SAMPLE:
-                raise ValueError(
-                    f"sample {int(ids[worst])} found no stable, bounded draw in "
-                    f"{MAX_DRAWS_PER_SAMPLE} tries: the sampling ranges give (almost) only "
-                    "unstable or diverging systems; widen or move them")
-            uniforms = np.stack([
-                np.concatenate([unused[r], streams[r].random((per_round - len(unused[r]), width))])
-                for r in pending
-            ])
-            values = lo + (hi - lo) * uniforms  # (pending, per_round, width)
-            stable = ode.is_stable(ode.Params.unpack(values.reshape(-1, width)[:, :n_p], n))
-            stable = stable.reshape(pending.size, per_round)
-            found = stable.any(axis=1)
-            first = stable.argmax(axis=1)
-            # Draws up to and including the first stable one are used up; later ones wait.
-            draws[pending] += np.where(found, first + 1, per_round)
-            for row, r in enumerate(pending):
-                unused[r] = uniforms[row, first[row] + 1 :] if found[row] else uniforms[row, :0]
-            chosen[pending[found]] = values[found, first[found]]
-            pending = pending[~found]
-        return chosen[rows, :n_p], chosen[rows, n_p:]
-
-    # A draw that diverges is replaced inside the solver's loop by the row's next stable draw.
-    series, ok = ode.solve(*next_stable(np.arange(ids.size)), config.times(), n,
-                           rtol=config.rtol, atol=config.atol, refill=next_stable)
-    assert ok.all() and np.isfinite(series).all()
-    columns = {"sample_id": ids, "params": chosen[:, :n_p], "ic": chosen[:, n_p:],
-               "series": series.astype(np.float32)}
+    columns, draws, failed = ode.draw_samples(config.seed, ids, lo, hi, config.n_actions, config.times(),
+                                              config.rtol, config.atol, MAX_DRAWS_PER_SAMPLE)
+    if failed >= 0:
+        raise ValueError(
+            f"sample {int(ids[failed])} found no stable, bounded draw in "
+            f"{MAX_DRAWS_PER_SAMPLE} tries: the sampling ranges give (almost) only "
+            "unstable or diverging systems; widen or move them")
     return columns, int(draws.sum())
 
 
@@ -127,54 +110,6 @@ def check_feasible(config: DataConfig, tries: int = 20_000) -> None:
     what = "stays bounded" if stable.size else "passes the stability filter"
     raise ValueError(f"no draw in {tries} tries from these sampling ranges {what}: "
                      "widen or move the ranges")
-
-
-def row_digests(columns: dict[str, np.ndarray]) -> bytes:
-    """16-byte BLAKE2b digest of each row's bytes (sample_id, params, ic, series), concatenated."""
-    out = bytearray()
-    for i in range(columns["sample_id"].size):
-        h = hashlib.blake2b(digest_size=16)
-        h.update(columns["sample_id"][i : i + 1].astype("<i8").tobytes())
-        h.update(columns["params"][i].astype("<f8").tobytes())
-        h.update(columns["ic"][i].astype("<f8").tobytes())
-        h.update(columns["series"][i].astype("<f4").tobytes())
-        out += h.digest()
-    return bytes(out)
-
-
-def content_hash(digests: bytes) -> str:
-    """content_hash of a dataset: SHA-256 over its row digests in sample_id order."""
-    return "sha256:" + hashlib.sha256(digests).hexdigest()
-
-
-def list_column(values: np.ndarray, value_type):
-    """One Parquet list column from the rows of `values` (each row flattened)."""
-    import pyarrow as pa
-
-    flat = values.reshape(values.shape[0], -1)
-    offsets = np.arange(0, flat.size + 1, max(flat.shape[1], 1), dtype=np.int32)[: flat.shape[0] + 1]
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel(), type=value_type))
-
-
-def write_table_atomic(table, path: Path) -> None:
-    """Write a Parquet file whole or not at all (temporary file, then rename)."""
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    pq.write_table(table, tmp, compression="zstd")  # smaller and faster than snappy here
-    os.replace(tmp, path)
-
-
-def to_table(columns: dict[str, np.ndarray]):
-    """The Parquet schema of DESIGN §2: series is row-major (channel, time), float32."""
-    import pyarrow as pa
-
-    return pa.table({
-        "sample_id": pa.array(columns["sample_id"], type=pa.int64()),
-        "params": list_column(columns["params"], pa.float64()),
-        "ic": list_column(columns["ic"], pa.float64()),
-        "series": list_column(columns["series"], pa.float32()),
-    })
 
 
 # --------------------------------------------------------------------------- blocks on Ray Data
@@ -225,16 +160,6 @@ def generate_block(batch: dict, config: dict, staging: str, plan: list) -> dict:
 # --------------------------------------------------------------------------- the dataset
 
 
-def read_manifest(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no manifest.json: not a raypd dataset (run raypd.generate)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: manifest.json is not valid JSON ({exc})") from None
-
-
 def check_out_dir(config: DataConfig, out: Path) -> dict | None:
     """The manifest if `out` already holds this dataset; None if `out` is free.
 
@@ -244,7 +169,7 @@ def check_out_dir(config: DataConfig, out: Path) -> dict | None:
         raise ValueError(f"--out {out} is a file; it must be a folder (new, empty, or this dataset)")
     if not out.exists() or not any(out.iterdir()):
         return None
-    if not (out / MANIFEST).exists():
+    if manifest_path(out) is None:  # a dataset of an older raypd has manifest.json
         raise ValueError(f"--out {out} is a non-empty folder without {MANIFEST}; "
                          "choose a new or empty folder")
     manifest = read_manifest(out)
@@ -261,19 +186,25 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
     """Generate the dataset `config` into folder `out` (if it is not there yet); return its
     manifest. Joins the Ray cluster at `address`/$RAY_ADDRESS or starts local Ray."""
     config.validate()
-    block_size = default_block_size(config.samples) if block_size is None else block_size
-    if block_size < 1:
+    if config.seed >= 2**64:
+        raise ValueError(f"seed must be < 2**64 (got {config.seed})")
+    if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1 (got {block_size})")
     out = Path(out).absolute()
     existing = check_out_dir(config, out)
     if existing is not None:
         return existing
 
+    # Compile (first run of this raypd: ~10-30 s) or load (~0.5 s) the solver here, once: it
+    # lands in numba's on-disk cache, from which every Ray worker then loads it.
+    ode.warm_up(config.n_actions)
     check_feasible(config)
     import ray
 
     init_ray(address)
     check_shared(out.parent)
+    if block_size is None:
+        block_size = default_block_size(config.samples, cluster_cpus())
     settings = to_dict(config)
     plan = _block_plan(config.samples, block_size)
     staging = out.with_name(f".{out.name}.staging")
@@ -324,6 +255,9 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
         "columns": {"sample_id": "int64", "params": "list<double>", "ic": "list<double>",
                     "series": "list<float> (channel, time) row-major"},
         "files": [{"path": _block_file(f, c), "first_sample_id": f, "rows": c} for f, c in plan],
+        "sampler": "sample i: Philox4x64-10 keyed (seed, i) (numpy's Philox(key=[seed, i]) read by "
+                   "Generator.random()); draws of 2n+2n²+2n uniforms until one passes the stability "
+                   "filter and stays bounded; Dormand-Prince 5(4) per sample, steps landing on the times",
         "content_hash": content_hash(b"".join(digests)),
         "content_hash_method": "sha256 over the rows' 16-byte blake2b digests of "
                                "(sample_id <i8, params <f8, ic <f8, series <f4), in sample_id order",
@@ -402,8 +336,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--out", help="dataset folder (default runs/data/<name from the settings>)")
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--block-size", type=int,
-                   help="samples per Ray Data block and Parquet file (default: samples/4, "
-                        f"between 256 and {MAX_BLOCK_SIZE}); the dataset does not depend on it")
+                   help=f"samples per Ray Data block and Parquet file (default: {BLOCKS_PER_CPU} or "
+                        "more blocks per CPU the cluster has or can grow to, in whole rounds, "
+                        f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} samples each); the dataset does not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

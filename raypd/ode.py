@@ -1,21 +1,27 @@
-"""The preference-dynamics ODE, batched: layout, sampling, stability filter and integrator.
+"""The preference-dynamics ODE: layout, random draws, stability filter and integrator.
 
 State x = [v_1..v_n, m_1..m_n];  v' = g - Pi a,  m' = u - Gamma a,
 u = max(v, mu), a = max(m, 0).  Parameters are laid out as [g, mu, Pi (row-major),
 Gamma (row-major)], initial conditions as [v(0), m(0)], observations as [u, a].
 
-Everything here works on a batch of B samples at once (leading axis) and is written with
-element-wise numpy operations only: a sample's result never depends on which other samples
-share its batch, which is what makes generated datasets independent of the block size.
+The work is compiled with numba and done one sample at a time: each sample draws from its
+own counter-based stream, runs the stability filter on each draw and integrates its own
+trajectory with its own step sizes. A sample's result therefore never depends on which other
+samples share its call, which is what makes generated datasets independent of the block
+size. Compiled code is cached on disk (numba's cache: beside this file when that folder is
+writable, else the user's cache folder, or $NUMBA_CACHE_DIR); `warm_up()` loads or compiles
+it once per process, outside any timed loop.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 # |x| above this bound counts as divergence: the draw is rejected and redrawn.
 DIVERGENCE_BOUND = 1e5
@@ -81,21 +87,65 @@ class Params:
         return Params(self.g[index], self.mu[index], self.Pi[index], self.Gamma[index])
 
 
-# --------------------------------------------------------------------------- dynamics
+# --------------------------------------------------------------------------- random draws
+#
+# Sample i of a dataset with seed s draws from Philox4x64-10 with key (s, i): numpy's
+# np.random.Philox(key=[s, i]) (tests check it word for word), read as doubles the way
+# np.random.Generator.random() reads them. A draw takes the stream's next 2n + 2n² + 2n
+# uniforms: params, then initial conditions, each lo + (hi - lo) * u. Keying the stream by
+# (seed, sample_id) costs nothing per sample (a SeedSequence costs ~8 us) and lets the whole
+# draw-filter-solve loop run compiled.
+
+_M0 = np.uint64(0xD2E7470EE14C6C93)
+_M1 = np.uint64(0xCA5A826395121157)
+_W0 = np.uint64(0x9E3779B97F4A7C15)
+_W1 = np.uint64(0xBB67AE8584CAA73B)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_U32 = np.uint64(32)
+_U11 = np.uint64(11)
+_U1 = np.uint64(1)
+_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
 
 
-def _matvec(M: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Batched M @ x as explicit element-wise sums: bitwise independent of the batch size
-    (a BLAS call may change its summation order with the matrix size)."""
-    out = M[:, :, 0] * x[:, 0:1]
-    for j in range(1, x.shape[1]):
-        out = out + M[:, :, j] * x[:, j : j + 1]
+@njit(cache=True)
+def _mulhi(a, b):
+    """High 64 bits of the 128-bit product a * b (uint64)."""
+    a_lo, a_hi = a & _LOW32, a >> _U32
+    b_lo, b_hi = b & _LOW32, b >> _U32
+    ll, hl, lh, hh = a_lo * b_lo, a_hi * b_lo, a_lo * b_hi, a_hi * b_hi
+    cross = (ll >> _U32) + (hl & _LOW32) + lh
+    return hh + (hl >> _U32) + (cross >> _U32)
+
+
+@njit(cache=True)
+def _philox(k0, k1, counter, out):
+    """The four 64-bit words of Philox4x64-10 for counter (counter, 0, 0, 0), key (k0, k1)."""
+    c0, c1, c2, c3 = counter, np.uint64(0), np.uint64(0), np.uint64(0)
+    for r in range(10):
+        if r > 0:
+            k0 += _W0
+            k1 += _W1
+        hi0, lo0 = _mulhi(_M0, c0), _M0 * c0
+        hi1, lo1 = _mulhi(_M1, c2), _M1 * c2
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    out[0], out[1], out[2], out[3] = c0, c1, c2, c3
+
+
+@njit(cache=True)
+def _uniforms_of(seed, sample_id, count):
+    """The first `count` uniforms of a sample's stream (for tests and tools)."""
+    out = np.empty(count)
+    buf = np.empty(4, np.uint64)
+    for j in range(count):
+        if j % 4 == 0:
+            _philox(seed, sample_id, np.uint64(j // 4) + _U1, buf)
+        out[j] = float(buf[j % 4] >> _U11) * _TO_UNIT
     return out
 
 
-def rhs(x: np.ndarray, p: Params) -> np.ndarray:
-    """x' for states x (B, 2n)."""
-    return _Linear.of(p)(x)
+def sample_uniforms(seed: int, sample_id: int, count: int) -> np.ndarray:
+    """The first `count` uniforms in [0, 1) of sample `sample_id`'s stream (seed < 2**64)."""
+    return _uniforms_of(np.uint64(seed), np.uint64(sample_id), count)
 
 
 # --------------------------------------------------------------------------- stability
@@ -129,112 +179,281 @@ def _regimes(n: int) -> list[_Regime]:
     return out
 
 
-def _rows_cols(M: np.ndarray, rows, cols) -> np.ndarray:
-    return M[:, list(rows)][:, :, list(cols)]
+@functools.lru_cache(maxsize=None)
+def _regime_table(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The regimes as arrays for compiled code: index[r, k] lists P, DP, FP, S (k = 0..3),
+    padded with -1; length[r, k] is how many of them there are."""
+    regimes = _regimes(n)
+    index = np.full((len(regimes), 4, n), -1, dtype=np.int64)
+    length = np.zeros((len(regimes), 4), dtype=np.int64)
+    for r, regime in enumerate(regimes):
+        for k, part in enumerate((regime.P, regime.DP, regime.FP, regime.S)):
+            index[r, k, : len(part)] = part
+            length[r, k] = len(part)
+    return index, length
 
 
-def _jacobian_stable(Pi_P: np.ndarray, Gamma_P: np.ndarray) -> np.ndarray:
-    """DESIGN §1's test of one equilibrium, for a batch of (Pi_PP, Gamma_PP).
+@njit(cache=True)
+def _jacobian_stable(p, n, P, size):
+    """DESIGN §1's test of the equilibrium performing actions P[:size].
 
-    J = [[0, -Pi_P], [I, -Gamma_P]].  Stable unless an eigenvalue with positive real part has
-    an eigenvector whose effort part is all positive, except when |min eigenvalue| >
+    J = [[0, -Pi_PP], [I, -Gamma_PP]].  Stable unless an eigenvalue with positive real part
+    has an eigenvector whose effort part is all positive, except when |min eigenvalue| >
     max eigenvalue.  Two readings are ours, stated here because the text leaves them open:
     - an eigenvector is only defined up to a factor, so "effort part all positive" means all
       entries of one strict sign (x = c e^{lt} w grows to +inf in every effort for c of that
       sign); only real eigenvalues have such real directions: a complex pair oscillates,
       so its efforts cross zero where a = max(m, 0) clips them;
     - "min/max eigenvalue" compare real parts.
+    (numba's eig keeps real input real, so J is handed to it as complex; LAPACK then scales
+    each eigenvector to a real largest entry, so a real eigenvalue's vector is real.)
     """
-    b, p, _ = Pi_P.shape
-    J = np.zeros((b, 2 * p, 2 * p))
-    J[:, :p, p:] = -Pi_P
-    J[:, p:, :p] = np.eye(p)
-    J[:, p:, p:] = -Gamma_P
+    pi0, gamma0 = 2 * n, 2 * n + n * n
+    if size == 1:
+        # J = [[0, -pi], [1, -gamma]]: l^2 + gamma l + pi = 0, and a real eigenvalue's
+        # eigenvector (gamma + l, 1) w has a one-signed (scalar, nonzero) effort part
+        pi, gamma = p[pi0 + P[0] * (n + 1)], p[gamma0 + P[0] * (n + 1)]
+        disc = gamma * gamma - 4.0 * pi
+        if disc >= 0.0:
+            root = np.sqrt(disc)
+            lo, hi = 0.5 * (-gamma - root), 0.5 * (-gamma + root)
+            return (not hi > 0) or abs(lo) > hi
+        re, im = -0.5 * gamma, 0.5 * np.sqrt(-disc)
+        # a pair with a negligible imaginary part counts as real, as below
+        return (not (re > 0 and im <= 1e-12 * max(1.0, abs(re)))) or abs(re) > re
+    m = 2 * size
+    J = np.zeros((m, m), dtype=np.complex128)
+    for i in range(size):
+        J[size + i, i] = 1.0
+        for j in range(size):
+            J[i, size + j] = -p[pi0 + P[i] * n + P[j]]
+            J[size + i, size + j] = -p[gamma0 + P[i] * n + P[j]]
     lam, vec = np.linalg.eig(J)
-    re = lam.real
-    real_eig = np.abs(lam.imag) <= 1e-12 * np.maximum(1.0, np.abs(re))
-    effort = vec[:, p:, :].real  # (b, p, 2p): column k is eigenvector k's effort part
-    one_sign = np.all(effort > 0, axis=1) | np.all(effort < 0, axis=1)
-    growing_direction = np.any((re > 0) & real_eig & one_sign, axis=1)
-    dominated = np.abs(re.min(axis=1)) > re.max(axis=1)
-    return ~growing_direction | dominated
+    re_min, re_max = np.inf, -np.inf
+    growing = False
+    for k in range(m):
+        re, im = lam[k].real, lam[k].imag
+        re_min, re_max = min(re_min, re), max(re_max, re)
+        if re > 0 and abs(im) <= 1e-12 * max(1.0, abs(re)):
+            positive = negative = True
+            for i in range(size):
+                w = vec[size + i, k].real
+                positive &= w > 0
+                negative &= w < 0
+            growing |= positive or negative
+    return (not growing) or abs(re_min) > re_max
+
+
+@njit(cache=True)
+def _stable(p, n, index, length, A, b, a):
+    """DESIGN §1's stability filter for one parameter vector p: at least one valid
+    equilibrium, all stable. A (n, n), b, a (n,) are scratch space."""
+    pi0, gamma0 = 2 * n, 2 * n + n * n
+    valid_count = 0
+    for r in range(index.shape[0]):
+        P, DP, FP, S = index[r, 0], index[r, 1], index[r, 2], index[r, 3]
+        size, n_dp, n_fp, n_s = length[r, 0], length[r, 1], length[r, 2], length[r, 3]
+        # [Pi_{DP,P}; Gamma_{FP,P}] a_P = [g_DP; mu_FP]
+        amax = 0.0
+        for i in range(size):
+            if i < n_dp:
+                row, base, b[i] = DP[i], pi0, p[DP[i]]
+            else:
+                row, base, b[i] = FP[i - n_dp], gamma0, p[n + FP[i - n_dp]]
+            for j in range(size):
+                A[i, j] = p[base + row * n + P[j]]
+                amax = max(amax, abs(A[i, j]))
+        # LU with partial pivoting: determinant first, then (if the system is not
+        # singular) the solution
+        det = 1.0
+        for c in range(size):
+            piv = c
+            for i in range(c + 1, size):
+                if abs(A[i, c]) > abs(A[piv, c]):
+                    piv = i
+            if piv != c:
+                det = -det
+                for j in range(size):
+                    A[c, j], A[piv, j] = A[piv, j], A[c, j]
+                b[c], b[piv] = b[piv], b[c]
+            det *= A[c, c]
+            if A[c, c] == 0.0:
+                break
+            for i in range(c + 1, size):
+                f = A[i, c] / A[c, c]
+                for j in range(c, size):
+                    A[i, j] -= f * A[c, j]
+                b[i] -= f * b[c]
+        # a singular system has no isolated equilibrium in this regime
+        if not abs(det) > 1e-12 * max(amax**size, 1e-300):
+            continue
+        valid = True
+        for i in range(size - 1, -1, -1):
+            s = b[i]
+            for j in range(i + 1, size):
+                s -= A[i, j] * a[j]
+            a[i] = s / A[i, i]
+            valid &= a[i] > 0
+        if not valid:
+            continue
+        # Gamma_{DP,P} a > mu_DP,  Gamma_{S,P} a >= mu_S,  Pi_{F,P} a >= g_F  (F = FP + S)
+        for i in range(n_dp + n_s):
+            row = DP[i] if i < n_dp else S[i - n_dp]
+            s = 0.0
+            for j in range(size):
+                s += p[gamma0 + row * n + P[j]] * a[j]
+            valid &= (s > p[n + row]) if i < n_dp else (s >= p[n + row])
+        for i in range(n_fp + n_s):
+            row = FP[i] if i < n_fp else S[i - n_fp]
+            s = 0.0
+            for j in range(size):
+                s += p[pi0 + row * n + P[j]] * a[j]
+            valid &= s >= p[row]
+        if not valid:
+            continue
+        valid_count += 1
+        if not _jacobian_stable(p, n, P, size):
+            return False
+    return valid_count > 0
+
+
+@njit(cache=True)
+def _stable_batch(params, n, index, length, out):
+    A, b, a = np.empty((n, n)), np.empty(n), np.empty(n)
+    for i in range(params.shape[0]):
+        out[i] = _stable(params[i], n, index, length, A, b, a)
 
 
 def is_stable(p: Params) -> np.ndarray:
     """DESIGN §1's stability filter for a batch: at least one valid equilibrium, all stable."""
-    b, n = p.g.shape
-    n_valid = np.zeros(b, dtype=np.int64)
-    all_stable = np.ones(b, dtype=bool)
-    for r in _regimes(n):
-        A = np.concatenate([_rows_cols(p.Pi, r.DP, r.P), _rows_cols(p.Gamma, r.FP, r.P)], axis=1)
-        rhs_ = np.concatenate([p.g[:, list(r.DP)], p.mu[:, list(r.FP)]], axis=1)
-        # A singular system has no isolated equilibrium in this regime: solve a harmless
-        # identity there and mask the result out.
-        scale = np.abs(A).max(axis=(1, 2)) ** len(r.P)
-        solvable = np.abs(np.linalg.det(A)) > 1e-12 * np.maximum(scale, 1e-300)
-        A = np.where(solvable[:, None, None], A, np.eye(len(r.P)))
-        a_P = np.linalg.solve(A, rhs_[:, :, None])[:, :, 0]
-        valid = solvable & np.all(a_P > 0, axis=1)
-        if r.DP:
-            valid &= np.all(_matvec(_rows_cols(p.Gamma, r.DP, r.P), a_P) > p.mu[:, list(r.DP)], axis=1)
-        if r.S:
-            valid &= np.all(_matvec(_rows_cols(p.Gamma, r.S, r.P), a_P) >= p.mu[:, list(r.S)], axis=1)
-        if r.F:
-            valid &= np.all(_matvec(_rows_cols(p.Pi, r.F, r.P), a_P) >= p.g[:, list(r.F)], axis=1)
-        if not valid.any():
-            continue
-        stable = _jacobian_stable(
-            _rows_cols(p.Pi, r.P, r.P)[valid], _rows_cols(p.Gamma, r.P, r.P)[valid]
-        )
-        n_valid += valid
-        all_stable[np.flatnonzero(valid)[~stable]] = False
-    return (n_valid > 0) & all_stable
+    n = p.g.shape[1]
+    flat = np.ascontiguousarray(p.pack(), dtype=np.float64)
+    out = np.empty(flat.shape[0], dtype=np.bool_)
+    _entry(n, 0)(flat, *_regime_table(n), out)
+    return out
 
 
 # --------------------------------------------------------------------------- integrator
 
-# Dormand-Prince 5(4) tableau (the method behind scipy's RK45), first-same-as-last.
-_A = [
-    np.array([]),
-    np.array([1 / 5]),
-    np.array([3 / 40, 9 / 40]),
-    np.array([44 / 45, -56 / 15, 32 / 9]),
-    np.array([19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729]),
-    np.array([9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]),
-    np.array([35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]),
-]
-_E = np.array([71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])
+# Dormand-Prince 5(4) (the method behind scipy's RK45), first-same-as-last: stage weights
+# _Asj, 5th-order weights _Bj (= stage 7's), error-estimate weights _Ej.
+_A21 = 1 / 5
+_A31, _A32 = 3 / 40, 9 / 40
+_A41, _A42, _A43 = 44 / 45, -56 / 15, 32 / 9
+_A51, _A52, _A53, _A54 = 19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729
+_A61, _A62, _A63, _A64, _A65 = 9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656
+_B1, _B3, _B4, _B5, _B6 = 35 / 384, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84
+_E1, _E3, _E4, _E5, _E6, _E7 = 71 / 57600, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40
 
 
-@dataclass(frozen=True)
-class _Linear:
-    """The right-hand side as x' = c + M max(x, floor): M = [[0, -Pi], [I, -Gamma]],
-    c = [g, 0], floor = [mu, 0]. Three numpy calls per evaluation instead of ~6n."""
-
-    M: np.ndarray
-    c: np.ndarray
-    floor: np.ndarray
-
-    @classmethod
-    def of(cls, p: Params) -> _Linear:
-        b, n = p.g.shape
-        M = np.zeros((b, 2 * n, 2 * n))
-        M[:, :n, n:] = -p.Pi
-        M[:, n:, :n] = np.eye(n)
-        M[:, n:, n:] = -p.Gamma
-        zeros = np.zeros((b, n))
-        return cls(M, np.concatenate([p.g, zeros], axis=1), np.concatenate([p.mu, zeros], axis=1))
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        # einsum's per-row sums do not depend on the batch size (tests check it bitwise)
-        return self.c + np.einsum("bij,bj->bi", self.M, np.maximum(x, self.floor))
-
-    def take(self, index) -> _Linear:
-        return _Linear(self.M[index], self.c[index], self.floor[index])
+@njit(cache=True)
+def _rhs(p, n, x, K, stage):
+    """K[stage] = x' = [g - Pi a, u - Gamma a] with u = max(v, mu), a = max(m, 0)."""
+    pi0, gamma0 = 2 * n, 2 * n + n * n
+    for i in range(n):
+        dv = p[i]
+        dm = max(x[i], p[n + i])
+        for j in range(n):
+            a_j = max(x[n + j], 0.0)
+            dv -= p[pi0 + i * n + j] * a_j
+            dm -= p[gamma0 + i * n + j] * a_j
+        K[stage, i] = dv
+        K[stage, n + i] = dm
 
 
-def _combine(coeffs: np.ndarray, K: np.ndarray) -> np.ndarray:
-    return np.einsum("s,sbd->bd", coeffs, K[: coeffs.size])
+@njit(cache=True)
+def _observe(p, n, x, series, k):
+    for i in range(n):
+        series[i, k] = max(x[i], p[n + i])
+        series[n + i, k] = max(x[n + i], 0.0)
+
+
+@njit(cache=True)
+def _solve_one(p, x0, n, times, rtol, atol, max_steps, series, K, x, y):
+    """Integrate one sample from times[0] and observe it at every time into series (2n, T).
+
+    Adaptive Dormand-Prince 5(4), RMS error norm, steps clipped to land exactly on each
+    observation time (no interpolation error enters the series). Returns False where the
+    solution leaves |x| <= DIVERGENCE_BOUND or the step size collapses (series is then
+    garbage). K (7, 2n), x, y (2n,) are scratch space. n is a compile-time constant (the
+    entry points below pass it as a constant), so the loops over the state unroll.
+    """
+    d = 2 * n
+    n_times = times.shape[0]
+    for i in range(d):
+        x[i] = x0[i]
+    _observe(p, n, x, series, 0)
+    _rhs(p, n, x, K, 0)
+    t = times[0]
+    h = min(0.05, times[1] - times[0])
+    h_min = 1e-12 * max(1.0, abs(times[n_times - 1]))
+    k, steps = 1, 0
+    while k < n_times:
+        remaining = times[k] - t
+        hit = h >= remaining
+        hs = remaining if hit else h
+        for i in range(d):
+            y[i] = x[i] + hs * (_A21 * K[0, i])
+        _rhs(p, n, y, K, 1)
+        for i in range(d):
+            y[i] = x[i] + hs * (_A31 * K[0, i] + _A32 * K[1, i])
+        _rhs(p, n, y, K, 2)
+        for i in range(d):
+            y[i] = x[i] + hs * (_A41 * K[0, i] + _A42 * K[1, i] + _A43 * K[2, i])
+        _rhs(p, n, y, K, 3)
+        for i in range(d):
+            y[i] = x[i] + hs * (_A51 * K[0, i] + _A52 * K[1, i] + _A53 * K[2, i] + _A54 * K[3, i])
+        _rhs(p, n, y, K, 4)
+        for i in range(d):
+            y[i] = x[i] + hs * (_A61 * K[0, i] + _A62 * K[1, i] + _A63 * K[2, i] + _A64 * K[3, i]
+                                + _A65 * K[4, i])
+        _rhs(p, n, y, K, 5)
+        for i in range(d):  # the 5th-order solution; K[6] is its derivative (first same as last)
+            y[i] = x[i] + hs * (_B1 * K[0, i] + _B3 * K[2, i] + _B4 * K[3, i] + _B5 * K[4, i]
+                                + _B6 * K[5, i])
+        _rhs(p, n, y, K, 6)
+        err_sq = 0.0
+        for i in range(d):
+            e = hs * (_E1 * K[0, i] + _E3 * K[2, i] + _E4 * K[3, i] + _E5 * K[4, i] + _E6 * K[5, i]
+                      + _E7 * K[6, i])
+            e /= atol + rtol * max(abs(x[i]), abs(y[i]))
+            err_sq += e * e
+        err_sq /= d  # RMS norm, squared
+        accept = err_sq <= 1.0
+        factor = min(10.0, 0.9 * max(err_sq, 1e-20) ** -0.1)  # 0.9 err^(-1/5)
+        if not accept:
+            factor = min(factor, 1.0)
+        factor = max(0.2, factor)
+        # A step clipped to an observation says nothing about the step the dynamics allow.
+        h = max(h, hs * factor) if (accept and hit) else hs * factor
+        if accept:
+            for i in range(d):
+                x[i] = y[i]
+                K[0, i] = K[6, i]
+            if hit:
+                t = times[k]
+                _observe(p, n, x, series, k)
+                k += 1
+            else:
+                t += hs
+        steps += 1
+        largest = 0.0
+        for i in range(d):
+            largest = max(largest, abs(x[i]))
+        # written as "not (... <= ...)" so that NaN counts as failed too
+        if not (largest <= DIVERGENCE_BOUND) or not (h >= h_min) or steps >= max_steps:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _solve_batch(params, ic, n, times, rtol, atol, max_steps, series, ok):
+    d = 2 * n
+    K, x, x_new = np.empty((7, d)), np.empty(d), np.empty(d)
+    for b in range(params.shape[0]):
+        ok[b] = _solve_one(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], K, x, x_new)
+        if not ok[b]:
+            series[b, :, :] = np.nan
 
 
 def solve(
@@ -244,82 +463,173 @@ def solve(
     n: int,
     rtol: float = 1e-8,
     atol: float = 1e-10,
-    refill: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     max_steps: int = 200_000,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Integrate B samples and observe them at `times`.
+    """Integrate B samples, each on its own, and observe them at `times`.
 
     Returns (series (B, 2n, T) float64, ok (B,) bool); ok is False where the solution left
     |x| <= DIVERGENCE_BOUND or the step size collapsed (such rows of `series` are NaN).
-    With `refill`, a failed row is not given up: refill(rows) returns new (params, ic) for
-    those rows, which start over inside the same loop (generation redraws diverging samples
-    this way, without paying the batch's slowest trajectory once per redraw round).
 
     Step control is per sample (Dormand-Prince 5(4) with its embedded error estimate): the
     right-hand side has kinks where v crosses mu or m crosses 0, and every sample meets its
-    kinks at its own times, so a step shared across the batch would shrink to the worst
-    sample's kink at every moment. Steps are clipped to land exactly on each observation
-    time, so no interpolation error enters the series.
+    kinks at its own times. Steps are clipped to land exactly on each observation time, so
+    no interpolation error enters the series.
     """
-    params = np.asarray(params, dtype=np.float64)
-    times = np.asarray(times, dtype=np.float64)
-    B, T = params.shape[0], times.shape[0]
-    series = np.full((B, 2 * n, T), np.nan)
-    ok = np.ones(B, dtype=bool)
-    h0 = min(0.05, float(times[1] - times[0]))
-    h_min = 1e-12 * max(1.0, abs(float(times[-1])))
-
-    def start(rows, params_, ic_):
-        f_new = _Linear.of(Params.unpack(params_, n))
-        x_new = np.array(ic_, dtype=np.float64)
-        series[rows, :, 0] = np.maximum(x_new, f_new.floor)
-        m = len(rows)
-        return [np.asarray(rows), x_new, f_new(x_new), np.full(m, times[0]), np.ones(m, np.int64),
-                np.full(m, h0), np.zeros(m, np.int64)], f_new
-
-    (idx, x, f0, t, k, h, steps), f = start(np.arange(B), params, ic)
-    while idx.size:
-        remaining = times[k] - t
-        hit = h >= remaining
-        h_step = np.where(hit, remaining, h)
-        hh = h_step[:, None]
-        K = np.empty((7,) + x.shape)
-        K[0] = f0
-        for stage in range(1, 7):
-            K[stage] = f(x + hh * _combine(_A[stage], K))
-        x_new = x + hh * _combine(_A[6], K)  # 5th-order solution; K[6] = f(x_new)
-        scaled_err = hh * _combine(_E, K) / (atol + rtol * np.maximum(np.abs(x), np.abs(x_new)))
-        err_sq = np.einsum("bd,bd->b", scaled_err, scaled_err) / x.shape[1]  # RMS norm, squared
-        accept = err_sq <= 1.0
-        factor = np.minimum(10.0, 0.9 * np.maximum(err_sq, 1e-20) ** -0.1)  # 0.9 err^(-1/5)
-        factor = np.maximum(0.2, np.where(accept, factor, np.minimum(factor, 1.0)))
-        # A step clipped to an observation says nothing about the step the dynamics allow.
-        h = np.where(accept & hit, np.maximum(h, h_step * factor), h_step * factor)
-
-        x = np.where(accept[:, None], x_new, x)
-        f0 = np.where(accept[:, None], K[6], f0)
-        t = np.where(accept, np.where(hit, times[k], t + h_step), t)
-        steps += 1
-        landed = np.flatnonzero(accept & hit)
-        if landed.size:
-            series[idx[landed], :, k[landed]] = np.maximum(x[landed], f.floor[landed])
-            k[landed] += 1
-
-        # written as "not (... <= ...)" so that NaN counts as failed too
-        failed = ~(np.abs(x).max(axis=1) <= DIVERGENCE_BOUND) | ~(h >= h_min) | (steps >= max_steps)
-        done = (k >= T) | failed
-        if not done.any():
-            continue
-        failed_rows = idx[failed]
-        keep = ~done
-        state = [a[keep] for a in (idx, x, f0, t, k, h, steps)]
-        f = f.take(keep)
-        if failed_rows.size and refill is not None:
-            new_state, f_new = start(failed_rows, *refill(failed_rows))
-            state = [np.concatenate([a, b]) for a, b in zip(state, new_state)]
-            f = _Linear(*(np.concatenate([a, b]) for a, b in zip((f.M, f.c, f.floor), (f_new.M, f_new.c, f_new.floor))))
-        else:
-            ok[failed_rows] = False
-        idx, x, f0, t, k, h, steps = state
-    series[~ok] = np.nan
+    params = np.ascontiguousarray(params, dtype=np.float64).reshape(-1, num_params(n))
+    ic = np.ascontiguousarray(ic, dtype=np.float64).reshape(-1, num_ic(n))
+    times = np.ascontiguousarray(times, dtype=np.float64)
+    series = np.empty((params.shape[0], 2 * n, times.shape[0]))
+    ok = np.empty(params.shape[0], dtype=np.bool_)
+    _entry(n, 1)(params, ic, times, float(rtol), float(atol), int(max_steps), series, ok)
     return series, ok
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@njit(cache=True)
+def _draw_samples(seed, ids, lo, hi, n, times, rtol, atol, max_draws, max_steps, index, length,
+                  params_out, ic_out, series_out, draws_out):
+    """For each sample id: draw from its stream until a draw passes the stability filter and
+    its solution stays bounded; keep that draw and its series (float32). Returns -1, or the
+    position of the first sample that found none in max_draws draws."""
+    n_p, width = 2 * n + 2 * n * n, lo.shape[0]
+    d = 2 * n
+    values = np.empty(width)
+    series = np.empty((d, times.shape[0]))
+    buf = np.empty(4, np.uint64)
+    A, b, a = np.empty((n, n)), np.empty(n), np.empty(n)
+    K, x, x_new = np.empty((7, d)), np.empty(d), np.empty(d)
+    for s in range(ids.shape[0]):
+        key1 = np.uint64(ids[s])
+        counter = np.uint64(0)
+        used = 4  # words of buf already read
+        draws = 0
+        while True:
+            if draws >= max_draws:
+                return s
+            for w in range(width):
+                if used == 4:
+                    counter += _U1
+                    _philox(seed, key1, counter, buf)
+                    used = 0
+                values[w] = lo[w] + (hi[w] - lo[w]) * (float(buf[used] >> _U11) * _TO_UNIT)
+                used += 1
+            draws += 1
+            p = values[:n_p]
+            if _stable(p, n, index, length, A, b, a) and _solve_one(
+                    p, values[n_p:], n, times, rtol, atol, max_steps, series, K, x, x_new):
+                break
+        params_out[s] = p
+        ic_out[s] = values[n_p:]
+        for i in range(d):
+            for k in range(times.shape[0]):
+                series_out[s, i, k] = series[i, k]
+        draws_out[s] = draws
+    return -1
+
+
+def draw_samples(seed: int, sample_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int,
+                 times: np.ndarray, rtol: float, atol: float, max_draws: int,
+                 max_steps: int = 200_000) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """Samples `sample_ids` of the dataset with this seed and these sampling ranges.
+
+    Returns (columns sample_id, params, ic, series float32 (B, 2n, T); draws per sample;
+    position of the first sample that found no stable, bounded draw in max_draws, or -1).
+    """
+    ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
+    times = np.ascontiguousarray(times, dtype=np.float64)
+    count = ids.shape[0]
+    cols = {"sample_id": ids,
+            "params": np.empty((count, num_params(n))),
+            "ic": np.empty((count, num_ic(n))),
+            "series": np.empty((count, 2 * n, times.shape[0]), dtype=np.float32)}
+    draws = np.zeros(count, dtype=np.int64)
+    failed = _entry(n, 2)(np.uint64(seed), ids, np.ascontiguousarray(lo, dtype=np.float64),
+                          np.ascontiguousarray(hi, dtype=np.float64), times, float(rtol),
+                          float(atol), int(max_draws), int(max_steps), *_regime_table(n),
+                          cols["params"], cols["ic"], cols["series"], draws)
+    return cols, draws, int(failed)
+
+
+# --------------------------------------------------------------------------- entry points
+#
+# Compiled code called with n as a constant is compiled for that n (numba types the constant
+# as a literal and passes it down), so every loop over the state has a fixed length and
+# unrolls (~1.5x faster than a run-time n). A Python int argument would not be a literal:
+# hence one small entry point per n, each compiled (and cached) the first time it is used.
+
+
+@njit(cache=True)
+def _stable_batch_1(params, index, length, out):
+    _stable_batch(params, 1, index, length, out)
+
+
+@njit(cache=True)
+def _stable_batch_2(params, index, length, out):
+    _stable_batch(params, 2, index, length, out)
+
+
+@njit(cache=True)
+def _stable_batch_3(params, index, length, out):
+    _stable_batch(params, 3, index, length, out)
+
+
+@njit(cache=True)
+def _solve_batch_1(params, ic, times, rtol, atol, max_steps, series, ok):
+    _solve_batch(params, ic, 1, times, rtol, atol, max_steps, series, ok)
+
+
+@njit(cache=True)
+def _solve_batch_2(params, ic, times, rtol, atol, max_steps, series, ok):
+    _solve_batch(params, ic, 2, times, rtol, atol, max_steps, series, ok)
+
+
+@njit(cache=True)
+def _solve_batch_3(params, ic, times, rtol, atol, max_steps, series, ok):
+    _solve_batch(params, ic, 3, times, rtol, atol, max_steps, series, ok)
+
+
+@njit(cache=True)
+def _draw_samples_1(seed, ids, lo, hi, times, rtol, atol, max_draws, max_steps, index, length,
+                    params_out, ic_out, series_out, draws_out):
+    return _draw_samples(seed, ids, lo, hi, 1, times, rtol, atol, max_draws, max_steps, index, length,
+                         params_out, ic_out, series_out, draws_out)
+
+
+@njit(cache=True)
+def _draw_samples_2(seed, ids, lo, hi, times, rtol, atol, max_draws, max_steps, index, length,
+                    params_out, ic_out, series_out, draws_out):
+    return _draw_samples(seed, ids, lo, hi, 2, times, rtol, atol, max_draws, max_steps, index, length,
+                         params_out, ic_out, series_out, draws_out)
+
+
+@njit(cache=True)
+def _draw_samples_3(seed, ids, lo, hi, times, rtol, atol, max_draws, max_steps, index, length,
+                    params_out, ic_out, series_out, draws_out):
+    return _draw_samples(seed, ids, lo, hi, 3, times, rtol, atol, max_draws, max_steps, index, length,
+                         params_out, ic_out, series_out, draws_out)
+
+
+_ENTRY = {1: (_stable_batch_1, _solve_batch_1, _draw_samples_1),
+          2: (_stable_batch_2, _solve_batch_2, _draw_samples_2),
+          3: (_stable_batch_3, _solve_batch_3, _draw_samples_3)}
+
+
+def _entry(n: int, which: int):
+    if n not in _ENTRY:
+        raise ValueError(f"n_actions must be 1, 2 or 3 (got {n})")
+    return _ENTRY[n][which]
+
+
+def warm_up(n: int = 1) -> float:
+    """Load (or, the first time, compile and cache) this module's compiled functions for n
+    actions in this process; returns the seconds it took. Later calls cost nothing."""
+    start = time.perf_counter()
+    times = np.linspace(0.0, 1.0, 3)
+    lo = np.concatenate([np.ones(n), -np.ones(n), np.eye(n).ravel(), np.eye(n).ravel(), np.zeros(2 * n)])
+    draw_samples(0, np.arange(1), lo, lo, n, times, 1e-6, 1e-8, 1)
+    solve(lo[None, : num_params(n)], lo[None, num_params(n) :], times, n)
+    is_stable(Params.unpack(lo[None, : num_params(n)], n))
+    sample_uniforms(0, 0, 1)
+    return time.perf_counter() - start

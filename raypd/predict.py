@@ -19,7 +19,8 @@ import numpy as np
 from raypd import ode
 from raypd.cli import ArgumentParser, run_main
 from raypd.config import Config, from_dict
-from raypd.dataset import Prepared, load_dataset, normalise_inputs
+from raypd.dataset import load_dataset
+from raypd.serve import SavedModel
 
 
 def load_best(study: str, root: str | Path) -> tuple[Config, dict, Path]:
@@ -57,21 +58,6 @@ def read_csv_series(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     return columns[0], columns[1:][None].astype(np.float32)
 
 
-def predict_series(config: Config, prepared_stats: Prepared, checkpoint: Path, series: np.ndarray) -> np.ndarray:
-    """Raw-unit predictions (N, n_targets) of the model in `checkpoint` for raw series (N, 2n, T)."""
-    from raypd.train import predict_inputs
-
-    return predict_inputs(config, prepared_stats, checkpoint, normalise_inputs(series))
-
-
-def target_stats(config: Config, root: Path) -> Prepared:
-    """The study's target standardisation (train-split statistics of its dataset)."""
-    from raypd.dataset import prepare
-    from raypd.train import dataset_dir
-
-    return prepare(load_dataset(dataset_dir(config, root)), config.train)
-
-
 def resimulate(y_pred: np.ndarray, times: np.ndarray, n: int) -> np.ndarray:
     """Series (N, 2n, T) of the ODE solved from predicted parameters and initial conditions;
     NaN rows where the predicted system diverges."""
@@ -83,11 +69,14 @@ def resimulate(y_pred: np.ndarray, times: np.ndarray, n: int) -> np.ndarray:
 def predict(study: str, root: str | Path, input_path: str | Path, out: str | Path) -> dict:
     import pyarrow as pa
 
-    from raypd.generate import list_column, write_table_atomic
+    from raypd.dataio import list_column, write_table_atomic
     from raypd.train import check_fits
 
     root, input_path, out = Path(root), Path(input_path), Path(out)
     config, _, checkpoint = load_best(study, root)
+    # the checkpoint carries its normalisation and standardisation: the one inference path, as
+    # the registered MLflow model's (an old study's checkpoint without them stops here)
+    model = SavedModel.load(checkpoint)
     n = config.data.n_actions
     if input_path.is_dir():
         dataset = load_dataset(input_path)
@@ -107,7 +96,7 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
         raise ValueError(f"{input_path}: {exc}") from None
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a folder; it must be a .parquet file")
-    y_pred = predict_series(config, target_stats(config, root), checkpoint, series)
+    y_pred = model.predict(series)
     resim = resimulate(y_pred, times, n)
     n_p = ode.num_params(n)
 

@@ -140,26 +140,24 @@ def space_plots(summary: dict, parallel_path: Path, contour_path: Path) -> None:
 
 
 def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4) -> Path:
+    """From the study folder alone: the best checkpoint (with its saved normalisation) and the
+    test split saved beside the summary; ROOT/data is not read."""
+    from raypd import ode
     from raypd.dataset import metrics as test_metrics
-    from raypd.dataset import prepare
     from raypd.predict import load_best, resimulate
-    from raypd.train import predict_inputs
-    from raypd.dataset import load_dataset
-    from raypd.train import dataset_dir
+    from raypd.serve import TEST_SPLIT_FILE, SavedModel, read_test_split
     from raypd.tune import SUMMARY_FILE
 
     root = Path(root)
     config, summary, checkpoint = load_best(study, root)
     study_dir = root / "tune" / study
-    dataset = load_dataset(dataset_dir(config, root))
-    stats = prepare(dataset, config.train)  # the study's split and target standardisation
-    test = np.searchsorted(dataset.sample_id, stats.sample_ids["test"])
-    y_true = stats.raw_targets["test"]
-    y_pred = predict_inputs(config, stats, checkpoint, stats.inputs["test"])  # already normalised
-    times = np.asarray(dataset.manifest["time_points"])
+    model = SavedModel.load(checkpoint)
+    test_ids, y_true, series = read_test_split(study_dir / TEST_SPLIT_FILE, model.series_shape)
+    y_pred = model.predict(series)
+    times = np.asarray(model.meta["time_points"])
     resim = resimulate(y_pred, times, config.data.n_actions)
     ok = ~np.isnan(resim).any(axis=(1, 2))
-    summary["resimulation_mse"] = float(np.mean((resim[ok] - dataset.series[test][ok]) ** 2)) if ok.any() else None
+    summary["resimulation_mse"] = float(np.mean((resim[ok] - series[ok]) ** 2)) if ok.any() else None
     summary["resimulation_diverged"] = int((~ok).sum())
     write_json(study_dir / SUMMARY_FILE, summary)
 
@@ -171,11 +169,11 @@ def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4) -
         "contour.png": "The search space: validation loss",
     }
     curves(summary, study_dir, study_dir / "curves.png")
-    metrics = test_metrics(y_true, y_pred, stats.target_names)
-    true_vs_predicted(stats.target_names, y_true, y_pred, metrics, study_dir / "true_vs_predicted.png")
-    shown = np.arange(min(samples_shown, len(test)))
-    resimulated(times, dataset.series[test][shown], resim[shown], stats.sample_ids["test"][shown],
-                dataset.manifest["channel_names"], study_dir / "resimulated.png")
+    metrics = test_metrics(y_true, y_pred, model.target_names)
+    true_vs_predicted(model.target_names, y_true, y_pred, metrics, study_dir / "true_vs_predicted.png")
+    shown = np.arange(min(samples_shown, len(test_ids)))
+    resimulated(times, series[shown], resim[shown], test_ids[shown], ode.channel_names(config.data.n_actions),
+                study_dir / "resimulated.png")
     space_plots(summary, study_dir / "parallel_coordinates.png", study_dir / "contour.png")
 
     def number(value, fmt):
@@ -199,7 +197,7 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;f
 <p>{summary['num_trials']} trials, {summary['total_epochs']} epochs; searcher {summary['searcher']}, scheduler
 {summary['scheduler']}. Best trial {html.escape(str(summary['best_trial_id']))}: val_loss {summary['best_val_loss']:.4f},
 test MSE {metrics['mse']:.4f} (raw units), R² {metrics['r2']:.3f}; re-simulation MSE over the test split {resim_text}
-({summary['resimulation_diverged']} of {len(test)} re-simulations diverged).</p>
+({summary['resimulation_diverged']} of {len(test_ids)} re-simulations diverged).</p>
 <h2>Best model, per target (test split, raw units)</h2>
 <table><tr><th>target</th><th>MSE</th><th>MAE</th><th>R²</th></tr>{per_target}</table>
 {images}

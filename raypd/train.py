@@ -11,6 +11,7 @@ Each worker trains on its own slice of every epoch's permutation; DDP averages g
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
 from raypd.config import Config, TrainConfig, from_dict, load_config, to_dict
 from raypd.dataset import Prepared, load_dataset, metrics, prepare, write_json
+from raypd.serve import model_meta
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -63,6 +65,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     x_train, y_train = (torch.tensor(a, device=device) for a in (data.inputs["train"], data.targets["train"]))
     x_val, y_val = (torch.tensor(a, device=device) for a in (data.inputs["val"], data.targets["val"]))
     unwrapped = model.module if hasattr(model, "module") else model
+    meta = model_meta(config, data)  # saved with every checkpoint: the model carries its normalisation
 
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "history": []}
     if (checkpoint_dir / "last" / CHECKPOINT_FILE).exists():  # continue an interrupted run
@@ -78,7 +81,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
         shard = order.repeat(2)[: per_worker * world][rank::world].to(device)
-        total, count = 0.0, 0
+        # the loss is summed on the device (float64, as Python floats were): no host sync per
+        # step, so a GPU is fed kernels without waiting for each step's result
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, per_worker, train.batch_size):
             batch = shard[start : start + train.batch_size]
             loss = torch.nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
@@ -86,20 +91,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
             optimizer.step()
-            total += loss.item() * len(batch)
+            total += loss.detach().double() * len(batch)
             count += len(batch)
         val_loss = evaluate_loss(model, x_val, y_val, train.batch_size * 8)
         if not math.isfinite(val_loss):
             raise FloatingPointError(f"validation loss became {val_loss} at epoch {epoch}: lower train.lr")
         improved = val_loss < state["best_val"]
-        metrics_ = {"epoch": epoch + 1, "train_loss": total / count, "val_loss": val_loss,
+        metrics_ = {"epoch": epoch + 1, "train_loss": total.item() / count, "val_loss": val_loss,
                     "best_val_loss": min(val_loss, state["best_val"]),
                     "epoch_seconds": time.perf_counter() - started}
         state = {"epoch": epoch + 1, "best_val": metrics_["best_val_loss"],
                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
                  "history": state["history"] + [metrics_]}
         if rank == 0:
-            save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved)
+            save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved, meta=meta)
         if in_tune:  # the trial's folder holds the checkpoints; Tune takes the metrics
             ray.tune.report({**metrics_, "node_id": ray.get_runtime_context().get_node_id()})
         elif rank == 0:
@@ -117,17 +122,21 @@ def evaluate_loss(model, x, y, batch_size: int) -> float:
 
     model.eval()
     with torch.no_grad():
-        total = sum(torch.nn.functional.mse_loss(model(x[i : i + batch_size]), y[i : i + batch_size],
-                                                 reduction="sum").item()
-                    for i in range(0, len(x), batch_size))
-    return total / (len(x) * y.shape[1])
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for i in range(0, len(x), batch_size):
+            total += torch.nn.functional.mse_loss(model(x[i : i + batch_size]), y[i : i + batch_size],
+                                                  reduction="sum").double()
+    return total.item() / (len(x) * y.shape[1])
 
 
-def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool) -> None:
-    """checkpoint_dir/last (and /best when improved), each replaced whole."""
+def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict | None = None) -> None:
+    """checkpoint_dir/last (and /best when improved), each replaced whole. meta: what turns
+    raw series into raw-unit predictions (raypd.serve.model_meta), saved beside the weights."""
     import torch
 
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    if meta is not None:
+        payload["meta"] = meta
     for name in ("last", "best") if best else ("last",):
         tmp = checkpoint_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,6 +191,11 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     if in_tune and config.train.num_workers == 0:
         train_loop_per_worker({**loop_config, "report_to": "tune"})
         return
+    # Ray Train V2's controller collects a worker's report every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+    # (2 s) and a worker holds one uncollected report: with sub-second epochs every report
+    # waited for the next poll (1.8 s wall per 0.6 s epoch). The driver's value is passed on
+    # to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -206,20 +220,13 @@ def read_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["state"]
 
 
-def predict_inputs(config: Config, data: Prepared, checkpoint: Path, inputs: np.ndarray) -> np.ndarray:
+def predict_inputs(checkpoint: Path, inputs: np.ndarray) -> np.ndarray:
     """Raw-unit predictions (N, n_targets) of the model in `checkpoint` for normalised inputs
-    (N, 2n, T); `data` supplies the target standardisation."""
-    import torch
+    (N, 2n, T), un-standardised with the statistics saved in the checkpoint (raypd.serve: the
+    one inference path)."""
+    from raypd.serve import SavedModel
 
-    from raypd.model import CNN1D
-
-    model = CNN1D(config.model, inputs.shape[1], data.n_outputs)
-    model.load_state_dict(torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"])
-    model.eval()
-    with torch.no_grad():
-        x = torch.from_numpy(np.ascontiguousarray(inputs))
-        out = torch.cat([model(x[i : i + 1024]) for i in range(0, len(x), 1024)]).numpy()
-    return data.to_raw(out.astype(np.float64))
+    return SavedModel.load(checkpoint).predict_inputs(inputs)
 
 
 def check_fits(config: Config, time_points: int) -> None:
@@ -254,7 +261,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     data = prepare(dataset, config.train)
     fit(config, ray.put(data), workdir)
     best = workdir / "checkpoints" / "best"
-    y_pred = predict_inputs(config, data, best, data.inputs["test"])
+    y_pred = predict_inputs(best, data.inputs["test"])
     y_true = data.raw_targets["test"]
     out = metrics(y_true, y_pred, data.target_names)
     history = read_state(workdir / "checkpoints" / "last")["history"]
@@ -269,7 +276,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
 def write_predictions(path: Path, sample_ids: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> None:
     import pyarrow as pa
 
-    from raypd.generate import list_column, write_table_atomic
+    from raypd.dataio import list_column, write_table_atomic
 
     write_table_atomic(pa.table({"sample_id": pa.array(sample_ids, type=pa.int64()),
                                  "y_true": list_column(y_true, pa.float64()),

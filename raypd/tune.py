@@ -16,13 +16,17 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 from raypd import __version__
 from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
 from raypd.dataset import load_dataset, metrics, prepare, write_json
+from raypd.serve import TEST_SPLIT_FILE, write_test_split
 
 STUDIES = Path(__file__).resolve().parents[1] / "tune_configs"
 STUDY_FILE = "study.json"
@@ -206,7 +210,10 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
             raise ValueError(f"{study_dir} holds study {name!r} run with other settings; "
                              "use another --root (or remove that folder) to start afresh")
         if (study_dir / SUMMARY_FILE).exists():
-            return json.loads((study_dir / SUMMARY_FILE).read_text())
+            summary = json.loads((study_dir / SUMMARY_FILE).read_text())
+            # a finished study: (re-)register its best model; a no-op when already registered
+            register_best(name, summary, tracking_uri or f"sqlite:///{root / 'mlflow.db'}", study_dir, quiet=True)
+            return summary
 
     init_ray(address)
     capacity = cluster_capacity()
@@ -248,8 +255,38 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     results = tuner.fit()
     summary = summarise(config, name, results, prepared, study_dir)
     finish_mlflow(tracking_uri, name, summary)
+    test = np.searchsorted(dataset.sample_id, prepared.sample_ids["test"])  # report reads these, not ROOT/data
+    write_test_split(study_dir / TEST_SPLIT_FILE, prepared.sample_ids["test"], prepared.raw_targets["test"],
+                     dataset.series[test])
     write_json(study_dir / SUMMARY_FILE, summary)
+    register_best(name, summary, tracking_uri, study_dir)
     return summary
+
+
+def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, quiet: bool = False) -> None:
+    """The best model as an MLflow model registered as raypd-<name> (raypd.serve), a new
+    version only when the best checkpoint changed. quiet: an old study's checkpoint without
+    saved normalisation is reported on stderr and left unregistered."""
+    from raypd.serve import log_and_register
+
+    if not summary.get("best_checkpoint"):
+        return
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        # a study tracked elsewhere (--tracking-uri): do not create a store here
+        print(f"raypd.tune: the best model is not registered: no MLflow store at {tracking_uri} "
+              "(pass the study's --tracking-uri)", file=sys.stderr)
+        return
+    started = time.perf_counter()
+    try:
+        out = log_and_register(name, summary, tracking_uri, study_dir / TEST_SPLIT_FILE)
+    except ValueError as exc:
+        if not quiet:
+            raise
+        print(f"raypd.tune: the best model is not registered: {exc}", file=sys.stderr)
+        return
+    if out and out["new"]:
+        print(f"raypd.tune: registered {out['model_uri']} in {time.perf_counter() - started:.1f} s "
+              f"(MLflow {tracking_uri})", file=sys.stderr)
 
 
 def finish_mlflow(tracking_uri: str, name: str, summary: dict) -> None:
@@ -329,8 +366,7 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
                "best_checkpoint": str(Path(best["path"]) / "checkpoints" / "best") if best else None,
                "best_test_metrics": None, "trials": trials}
     if best:
-        trial_config = resolve(config, best["config"])
-        y_pred = predict_inputs(trial_config, prepared, Path(summary["best_checkpoint"]), prepared.inputs["test"])
+        y_pred = predict_inputs(Path(summary["best_checkpoint"]), prepared.inputs["test"])
         summary["best_test_metrics"] = metrics(prepared.raw_targets["test"], y_pred, prepared.target_names)
     return summary
 

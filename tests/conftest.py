@@ -33,7 +33,18 @@ def snapshot(root: Path) -> dict:
             for p in sorted(root.rglob("*"))}
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1 (each held until all are chosen: picked one at a
+    time, two could come out the same)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from raypd.config import load_config
-from tests.conftest import REPO, free_port, run_cli, snapshot
+from raypd.dataio import read_manifest
+from tests.conftest import REPO, free_ports, run_cli, snapshot
 
 RAY = str(Path(sys.executable).with_name("ray"))  # the CLI installed beside this interpreter
 SMOKE = str(REPO / "tune_configs" / "smoke.yaml")
@@ -47,7 +48,7 @@ def worker_type(max_workers: int, **resources) -> dict:
 
 class FakeCluster:
     def __init__(self, tmp: Path, worker_types: dict):
-        self.port, dashboard, agent, agent_grpc, runtime_env, metrics = (free_port() for _ in range(6))
+        self.port, dashboard, agent, agent_grpc, runtime_env, metrics = free_ports(6)
         config = tmp / "autoscaler.yaml"
         config.write_text(yaml.safe_dump(fake_cluster_config(self.port, worker_types)))
         self.address = f"127.0.0.1:{self.port}"
@@ -84,7 +85,9 @@ class FakeCluster:
     def stop(self):
         """End the head's process group (the fake worker nodes are started by its autoscaler,
         inside that group); then anything still running from this cluster's temp dir."""
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        # SIGTERM to all at once can leave the GCS and the autoscaler waiting on each other
+        # for 20 s: a test cluster gets 5 s, then SIGKILL
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
             try:
                 os.killpg(self.head.pid, sig)
             except ProcessLookupError:
@@ -123,12 +126,14 @@ def cpu_cluster(tmp_path_factory):
 @pytest.mark.slow
 def test_generation_blocks_run_on_several_autoscaled_nodes(cpu_cluster, tmp_path):
     assert sum(n["Resources"].get("CPU", 0) for n in cpu_cluster.nodes() if n["Alive"]) == 0
-    result = cpu_cluster.run("raypd.generate", "--n-actions", "1", "--samples", "20000", "--seed", "5",
-                             "--mu-range", "0", "0", "--block-size", "1000", "--out", str(tmp_path / "ds"),
+    # ~10 s of one core's work (n=3: ~40 draws and ~1 ms per sample), longer than a fake
+    # node takes to start: nodes added for the queued blocks get some of them
+    result = cpu_cluster.run("raypd.generate", "--n-actions", "3", "--samples", "10000", "--seed", "5",
+                             "--mu-range", "0", "0", "--block-size", "500", "--out", str(tmp_path / "ds"),
                              "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert manifest["samples"] == 20000 and manifest["generation_nodes"] >= 2
+    manifest = read_manifest(tmp_path / "ds")
+    assert manifest["samples"] == 10000 and manifest["generation_nodes"] >= 2
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """The typed config schema: defaults, unknown keys, wrong types, ranges."""
 
+from pathlib import Path
+
 import pytest
 
-from raypd.config import DataConfig, from_dict, to_dict
+from raypd.config import DataConfig, from_dict, load_config, to_dict
 
 
 def test_defaults_are_design_ranges():
@@ -49,3 +51,11 @@ def test_validate_names_what_is_wrong(change, message):
     with pytest.raises(ValueError) as info:
         DataConfig(**change).validate()
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_study_file_is_valid_and_its_space_fits(path):
+    from raypd.tune import check_space
+
+    check_space(load_config(str(path)))

@@ -63,11 +63,11 @@ def corrupt(dataset_dir, tmp_path, how):
     return bad, first
 
 
-CASES = [("no manifest", "no manifest.json"), ("truncated", "not a readable raypd Parquet file"),
-         ("missing file", "listed in manifest.json but missing"),
-         ("foreign parquet", "not a readable raypd Parquet file"), ("row count", "rows, manifest.json says"),
+CASES = [("no manifest", f"no {MANIFEST}"), ("truncated", "not a readable raypd Parquet file"),
+         ("missing file", f"listed in {MANIFEST} but missing"),
+         ("foreign parquet", "not a readable raypd Parquet file"), ("row count", f"rows, {MANIFEST} says"),
          ("shape", "does not match n_actions"), ("nan", "column series holds NaN"),
-         ("manifest not json", "manifest.json is not valid JSON")]
+         ("manifest not json", f"{MANIFEST} is not valid JSON")]
 
 
 @pytest.mark.parametrize("how, message", CASES)
@@ -126,3 +126,28 @@ def test_metrics_on_known_cases():
     assert off["rmse"] == pytest.approx(np.sqrt(2.5))
     mean = metrics(y, np.tile(y.mean(axis=0), (3, 1)), ["a", "b"])
     assert mean["per_target"]["a"]["r2"] == pytest.approx(0.0)
+
+
+def test_input_norms_drop_or_keep_the_scale():
+    """sample: a series and 3x it give the same inputs (the level is gone); sample+scale adds
+    log(1 + each channel's divisor) as inputs; global divides by train-split scales, so
+    levels survive."""
+    from raypd.dataset import apply_input_norm, fit_input_norm
+
+    rng = np.random.default_rng(0)
+    series = (rng.normal(size=(5, 2, 30)) * np.array([1, 4, 2, 0.5, 3])[:, None, None]).astype(np.float32)
+    series[2, 1] = 0.0  # a flat effort group (no action ever)
+    sample = apply_input_norm(series, fit_input_norm("sample", series))
+    np.testing.assert_allclose(apply_input_norm(3 * series, fit_input_norm("sample", series)), sample, rtol=1e-5)
+    with_scale = apply_input_norm(series, fit_input_norm("sample+scale", series))
+    assert with_scale.shape == (5, 4, 30)
+    np.testing.assert_array_equal(with_scale[:, :2], sample)
+    np.testing.assert_allclose(with_scale[:, 2:], np.log1p(series.std(axis=2, dtype=np.float64))[:, :, None]
+                               * np.ones(30), rtol=1e-5)
+    assert (with_scale[2, 3] == 0).all()
+    norm = fit_input_norm("global", series[:3])
+    np.testing.assert_allclose(norm["scale"], series[:3].std(axis=(0, 2), dtype=np.float64), rtol=1e-6)
+    kept = apply_input_norm(series, norm)
+    np.testing.assert_allclose(kept * np.array(norm["scale"])[None, :, None], series, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="channel scales"):
+        apply_input_norm(np.zeros((1, 4, 30), dtype=np.float32), norm)

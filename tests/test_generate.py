@@ -14,8 +14,12 @@ import pytest
 
 from raypd import ode
 from raypd.config import DataConfig, to_dict
-from raypd.generate import MANIFEST, content_hash, generate, generate_samples, row_digests
+from raypd.dataio import LEGACY_MANIFEST
+from raypd.dataset import load_dataset
+from raypd.generate import (MANIFEST, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, content_hash, default_block_size,
+                            generate, generate_samples, row_digests)
 from tests.conftest import REPO, run_cli, snapshot
+from tests.reference import stable_one
 
 
 def read_rows(folder):
@@ -39,6 +43,45 @@ def test_a_sample_depends_only_on_seed_and_id(n):
     assert not np.array_equal(other["params"], all_["params"])
 
 
+def test_sample_streams_are_numpys_philox_keyed_by_seed_and_id():
+    for seed, sample_id in ((0, 0), (42, 7), (2**64 - 1, 123_456_789)):
+        key = np.array([seed, sample_id], dtype=np.uint64)
+        expected = np.random.Generator(np.random.Philox(key=key)).random(23)
+        assert np.array_equal(ode.sample_uniforms(seed, sample_id, 23), expected)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_sample_is_the_first_draw_of_its_stream_that_passes_the_filter_and_stays_bounded(n):
+    """Rebuilt from numpy's Philox and the loop-per-draw reference filter."""
+    cfg = DataConfig(n_actions=n, samples=5, seed=9)
+    cols, draws = generate_samples(cfg, np.arange(5))
+    lo, hi = cfg.bounds()
+    n_p = ode.num_params(n)
+    total = 0
+    for i in range(5):
+        rng = np.random.Generator(np.random.Philox(key=[cfg.seed, i]))
+        while True:
+            draw = lo + (hi - lo) * rng.random(lo.size)
+            total += 1
+            if stable_one(draw[:n_p], n) and ode.solve(draw[None, :n_p], draw[None, n_p:], cfg.times(), n)[1][0]:
+                break
+        assert np.array_equal(cols["params"][i], draw[:n_p]) and np.array_equal(cols["ic"][i], draw[n_p:])
+    assert draws == total
+
+
+def test_block_plan_follows_the_cluster():
+    # the issue's case: 10,000 samples on 8 CPUs make at least 8 blocks (here 16)
+    assert -(-10_000 // default_block_size(10_000, 8)) >= 16
+    for samples, cpus in [(10_000, 8), (50_000, 2), (1_000_000, 2), (1_000_000, 16), (100_000, 16),
+                          (300, 2), (10, 64), (20_000, 1)]:
+        size = default_block_size(samples, cpus)
+        blocks = -(-samples // size)
+        assert 1 <= size <= MAX_BLOCK_SIZE
+        # at least 2 blocks per CPU, unless that makes blocks smaller than the minimum
+        assert blocks >= min(2 * cpus, -(-samples // MIN_BLOCK_SIZE)), (samples, cpus, size)
+    assert default_block_size(50_000, 2) == 6250  # 8 blocks: 4 whole rounds of 2, not 7 of 8192
+
+
 def test_kept_samples_pass_the_filter_and_match_their_own_solution():
     cfg = DataConfig(n_actions=2, samples=10, seed=3)
     cols, draws = generate_samples(cfg, np.arange(10))
@@ -51,6 +94,11 @@ def test_kept_samples_pass_the_filter_and_match_their_own_solution():
     values = np.concatenate([cols["params"], cols["ic"]], axis=1)
     assert ((values >= lo) & (values <= hi)).all()
     assert cols["params"].shape == (10, n_p) and cols["series"].dtype == np.float32
+
+
+def test_a_seed_beyond_the_stream_key_is_refused():
+    with pytest.raises(ValueError, match=r"seed must be < 2\*\*64"):
+        generate_samples(DataConfig(samples=1, seed=2**64), np.arange(1))
 
 
 def test_fixed_mu_is_exactly_zero():
@@ -101,6 +149,41 @@ def test_parquet_and_manifest_contract(ray_local, tmp_path):
     assert np.array_equal(series, cols["series"].reshape(30, -1))
 
 
+def test_a_dataset_folder_opens_with_pandas_pyarrow_and_ray_data(ray_local, tmp_path):
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    cfg = DataConfig(n_actions=2, samples=30, seed=6, time_points=21, time_span=(0.0, 20.0))
+    out = tmp_path / "ds"
+    generate(cfg, out, block_size=8, progress=False)
+    assert (out / MANIFEST).is_file() and not (out / LEGACY_MANIFEST).exists()
+    cols, _ = generate_samples(cfg, np.arange(30))
+
+    frame = pd.read_parquet(out).sort_values("sample_id")
+    assert list(frame.columns) == ["sample_id", "params", "ic", "series"]
+    assert np.array_equal(frame["sample_id"], np.arange(30))
+    assert np.array_equal(np.stack(frame["series"]), cols["series"].reshape(30, -1))
+    table = pads.dataset(out, format="parquet").to_table()
+    assert table.num_rows == 30 and sorted(table.column("sample_id").to_pylist()) == list(range(30))
+    rows = ray_local.data.read_parquet(str(out)).take_all()
+    assert sorted(r["sample_id"] for r in rows) == list(range(30))
+
+
+def test_a_dataset_written_with_the_old_manifest_name_still_reads(ray_local, tmp_path):
+    cfg = DataConfig(samples=12, seed=3, time_points=11, time_span=(0.0, 10.0))
+    out = tmp_path / "ds"
+    manifest = generate(cfg, out, progress=False)
+    fresh = load_dataset(out)
+    (out / MANIFEST).rename(out / LEGACY_MANIFEST)  # as earlier raypd wrote it
+    old = load_dataset(out)
+    assert old.manifest == manifest and np.array_equal(old.series, fresh.series)
+    before = snapshot(tmp_path)
+    assert generate(cfg, out, progress=False) == manifest  # recognised as this dataset, untouched
+    with pytest.raises(ValueError, match="already holds a different dataset"):
+        generate(DataConfig(samples=13, seed=3), out, progress=False)
+    assert snapshot(tmp_path) == before
+
+
 def test_existing_same_dataset_returns_at_once_and_different_one_is_refused(ray_local, tmp_path):
     cfg = DataConfig(samples=12, seed=1)
     out = tmp_path / "ds"
@@ -135,7 +218,8 @@ def test_interrupted_run_publishes_nothing_and_rerun_completes(tmp_path):
     """SIGKILL the CLI once some blocks are in staging; the same command then finishes, reusing
     them, with the content_hash of an uninterrupted run."""
     out = tmp_path / "ds"
-    args = ["raypd.generate", "--n-actions", "2", "--samples", "800", "--seed", "3",
+    # n=3 (~40 draws per sample): blocks long enough that the kill lands mid-run
+    args = ["raypd.generate", "--n-actions", "3", "--samples", "800", "--seed", "3",
             "--block-size", "80", "--out", str(out), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
@@ -155,7 +239,7 @@ def test_interrupted_run_publishes_nothing_and_rerun_completes(tmp_path):
     manifest, tables = read_rows(out)
     ids = np.concatenate([t.column("sample_id").to_numpy() for t in tables])
     assert np.array_equal(ids, np.arange(800))  # no sample twice, none missing
-    cfg = DataConfig(n_actions=2, samples=800, seed=3)
+    cfg = DataConfig(n_actions=3, samples=800, seed=3)
     cols, _ = generate_samples(cfg, np.arange(800))
     assert manifest["content_hash"] == content_hash(row_digests(cols))
 

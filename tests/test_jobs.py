@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_ports
 
 RAY = str(Path(sys.executable).with_name("ray"))  # the CLI installed beside this interpreter
 
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_study(tmp_path):
-    port, dashboard, agent, agent_grpc, runtime_env, metrics = (free_port() for _ in range(6))
+    port, dashboard, agent, agent_grpc, runtime_env, metrics = free_ports(6)
     # A clean environment (a Ray instance of this process leaves RAY_* variables behind), with
     # token auth on the head, the client and (inherited) the job's driver, as in cluster.yaml.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONBREAKPOINT"},
