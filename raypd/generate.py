@@ -210,6 +210,13 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
     staging = out.with_name(f".{out.name}.staging")
     _prepare_staging(staging, settings, plan)
 
+    # On an autoscaling cluster, ask now for the CPUs this plan can use at once: Ray Data
+    # queues only as many tasks as the nodes that are up can take, so demand alone grows the
+    # cluster about one node at a time (seen on the fake autoscaler: all blocks on one node).
+    # Without an autoscaler this is a no-op; the request is withdrawn when generation ends.
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"CPU": 1}] * min(len(plan), int(cluster_cpus())))
     start = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar, in samples, below
@@ -236,6 +243,7 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
         raise cause from None
     finally:
         bar.close()
+        request_resources(bundles=[])  # back to scaling on demand
     assert all(d is not None for d in digests)
 
     manifest = {

@@ -65,7 +65,8 @@ def test_checkpoint_carries_its_normalisation(study):
     root, config, summary = study
     model = SavedModel.load(summary["best_checkpoint"])
     meta = model.meta
-    assert meta["input_norm"] == {"kind": "sample", "groups": [[0], [1]], "mean_shift": False}
+    assert meta["input_norm"] == {"kind": "sample+scale", "groups": [[0], [1]], "mean_shift": False}
+    assert meta["input_channels"] == 4  # the series' 2 channels and their 2 scales
     assert meta["target_names"] == summary["best_test_metrics"]["target_names"]
     assert meta["series_shape"] == [2, 101] and len(meta["time_points"]) == 101
     assert meta["constant_targets"] == {"mu_1": 0.0} and meta["target_varying"][1] is False
