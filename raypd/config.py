@@ -51,6 +51,8 @@ class DataConfig:
             raise ValueError(f"samples must be >= 1 (got {self.samples})")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0 (got {self.seed})")
+        if self.seed >= 2**64:  # the key of each sample's Philox stream is (seed, sample_id)
+            raise ValueError(f"seed must be < 2**64 (got {self.seed})")
         for name in RANGE_FIELDS:
             lo, hi = getattr(self, name)
             if not (math.isfinite(lo) and math.isfinite(hi)):
