@@ -134,7 +134,8 @@ def scaling(counts: list[int], samples_n1: int, samples_n3: int, rtol: float) ->
     for k in counts:
         ray.init(address="local", num_cpus=k, include_dashboard=False, logging_level="WARNING")
         with tempfile.TemporaryDirectory() as tmp:
-            generate(DataConfig(samples=16 * k), Path(tmp) / "warm-up", progress=False)  # start workers
+            # start every worker: two blocks per CPU
+            generate(DataConfig(samples=8 * k), Path(tmp) / "warm-up", block_size=4, progress=False)
             rates = []
             for n, samples in ((1, samples_n1), (3, samples_n3)):
                 config = DataConfig(n_actions=n, samples=samples, seed=123, rtol=rtol, atol=rtol / 100)
@@ -176,11 +177,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         # The first Ray Data job also starts and warms the worker processes (imports of
-        # numpy, pyarrow, raypd): part of start-up, timed here on a tiny dataset.
+        # numpy, pyarrow, raypd; loading the compiled solver): part of start-up, timed here on
+        # a tiny dataset of two blocks per CPU, so that every worker is started.
+        cpus = int(ray.cluster_resources().get("CPU", 1))
         start = time.perf_counter()
-        generate(DataConfig(samples=16), Path(tmp) / "warm-up", progress=False)
-        print(f"first job on fresh workers (16 samples): {time.perf_counter() - start:.1f} s "
-              "(not counted below)")
+        generate(DataConfig(samples=8 * cpus), Path(tmp) / "warm-up", block_size=4, progress=False)
+        print(f"first job on fresh workers ({8 * cpus} samples in {2 * cpus} blocks): "
+              f"{time.perf_counter() - start:.1f} s (not counted below)")
 
     print(f"cluster CPUs: {ray.cluster_resources().get('CPU')}")
     rows = []
