@@ -61,6 +61,13 @@ def cluster_cpus() -> float:
     return cluster_capacity().total("CPU") or ray.cluster_resources().get("CPU", 1) or 1
 
 
+# How a sample is made from (seed, sample_id); the manifest records it. A folder with the same
+# settings but another sampler (raypd before the compiled solver drew from SeedSequence
+# streams) holds other rows, so it is not "this dataset".
+SAMPLER = ("sample i: Philox4x64-10 keyed (seed, i) (numpy's Philox(key=[seed, i]) read by "
+           "Generator.random()); draws of 2n+2n²+2n uniforms until one passes the stability "
+           "filter and stays bounded; Dormand-Prince 5(4) per sample, steps landing on the times")
+
 # A sample that finds no stable, bounded draw in this many tries means the sampling ranges
 # (almost) never give one: stop with a clear error instead of looping forever.
 MAX_DRAWS_PER_SAMPLE = 20_000
@@ -173,6 +180,10 @@ def check_out_dir(config: DataConfig, out: Path) -> dict | None:
         diff = [k for k in to_dict(config) if theirs.get(k) != to_dict(config)[k]]
         raise ValueError(f"--out {out} already holds a different dataset (differs in: "
                          f"{', '.join(diff) or 'format'}); choose another --out")
+    if manifest.get("sampler") != SAMPLER:
+        raise ValueError(f"--out {out} holds these settings drawn by an earlier raypd from other "
+                         "random streams (other rows); choose another --out, or remove the folder "
+                         "to make it again")
     return manifest
 
 
@@ -263,9 +274,7 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
         "columns": {"sample_id": "int64", "params": "list<double>", "ic": "list<double>",
                     "series": "list<float> (channel, time) row-major"},
         "files": [{"path": _block_file(f, c), "first_sample_id": f, "rows": c} for f, c in plan],
-        "sampler": "sample i: Philox4x64-10 keyed (seed, i) (numpy's Philox(key=[seed, i]) read by "
-                   "Generator.random()); draws of 2n+2n²+2n uniforms until one passes the stability "
-                   "filter and stays bounded; Dormand-Prince 5(4) per sample, steps landing on the times",
+        "sampler": SAMPLER,
         "content_hash": content_hash(b"".join(digests)),
         "content_hash_method": "sha256 over the rows' 16-byte blake2b digests of "
                                "(sample_id <i8, params <f8, ic <f8, series <f4), in sample_id order",

@@ -37,6 +37,7 @@ CASES = [
     ("generate", None, ["--out", "{file}"], "is a file; it must be a folder"),
     ("generate", None, ["--out", "{foreign}"], f"is a non-empty folder without {MANIFEST}"),
     ("generate", None, ["--out", "{other}", "--samples", "6"], "already holds a different dataset (differs in: samples)"),
+    ("generate", None, ["--out", "{other}", "--samples", "5"], "drawn by an earlier raypd from other random streams"),
     ("generate", None, HOPELESS, "no draw in 20000 tries from these sampling ranges passes the stability filter"),
     ("generate", None, ["--address", "127.0.0.1:1"], "cannot start or reach Ray at 127.0.0.1:1"),
     ("generate", None, ["--address", "nowhere"], "must be HOST:PORT, ray://HOST:PORT or auto"),

@@ -184,6 +184,21 @@ def test_a_dataset_written_with_the_old_manifest_name_still_reads(ray_local, tmp
     assert snapshot(tmp_path) == before
 
 
+def test_a_folder_with_these_settings_from_the_earlier_sampler_is_not_this_dataset(ray_local, tmp_path):
+    cfg = DataConfig(samples=12, seed=3, time_points=11, time_span=(0.0, 10.0))
+    out = tmp_path / "ds"
+    manifest = generate(cfg, out, progress=False)
+    # earlier raypd: legacy manifest name, no sampler key (its rows came from SeedSequence streams)
+    del manifest["sampler"]
+    (out / LEGACY_MANIFEST).write_text(json.dumps(manifest))
+    (out / MANIFEST).unlink()
+    assert load_dataset(out).manifest == manifest  # still trains
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="drawn by an earlier raypd from other random streams"):
+        generate(cfg, out, progress=False)
+    assert snapshot(tmp_path) == before
+
+
 def test_existing_same_dataset_returns_at_once_and_different_one_is_refused(ray_local, tmp_path):
     cfg = DataConfig(samples=12, seed=1)
     out = tmp_path / "ds"
