@@ -146,6 +146,9 @@ class TrainConfig:
     # how series become model inputs (raypd.dataset.apply_input_norm): "sample" (the notebook's,
     # per-sample std), "sample+scale" (plus the per-sample scales as inputs), "global"
     input_norm: str = "sample"
+    # on a CUDA device with one process per trial (num_workers 0 or 1): replay each full
+    # batch's step as one CUDA graph (raypd.train.make_train_step); ignored on CPUs
+    cuda_graph: bool = False
 
     def validate(self) -> TrainConfig:
         checks = [

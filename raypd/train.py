@@ -61,7 +61,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         rank, world = context.get_world_rank(), context.get_world_size()
         model = ray.train.torch.prepare_model(model)  # moves it to this worker's device; DDP if world > 1
         device = ray.train.torch.get_device()
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    graphed = train.cuda_graph and device.type == "cuda" and world == 1  # see make_train_step
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                 capturable=graphed)
     x_train, y_train = (torch.tensor(a, device=device) for a in (data.inputs["train"], data.targets["train"]))
     x_val, y_val = (torch.tensor(a, device=device) for a in (data.inputs["val"], data.targets["val"]))
     unwrapped = model.module if hasattr(model, "module") else model
@@ -74,6 +76,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
 
+    step = make_train_step(model, optimizer, x_train, y_train, train.batch_size, train.grad_clip, graphed)
     # Equal shard sizes on every worker (DDP needs the same number of steps): pad by wrapping.
     per_worker = math.ceil(len(x_train) / world)
     for epoch in range(state["epoch"], train.epochs):
@@ -86,12 +89,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, per_worker, train.batch_size):
             batch = shard[start : start + train.batch_size]
-            loss = torch.nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            total += loss.detach().double() * len(batch)
+            total += step(batch)
             count += len(batch)
         val_loss = evaluate_loss(model, x_val, y_val, train.batch_size * 8)
         if not math.isfinite(val_loss):
@@ -115,6 +113,69 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics_)
         if state["bad_epochs"] >= train.patience:
             break
+
+
+def make_train_step(model, optimizer, x, y, batch_size: int, grad_clip: float, cuda_graph: bool):
+    """step(rows) -> the batch's summed loss (a float64 device tensor), after one optimiser
+    step (MSE, gradient clipping, Adam) on rows `rows` of (x, y).
+
+    cuda_graph: full batches replay one CUDA graph of the whole step (PyTorch's whole-network
+    capture; the optimizer must be Adam(capturable=True)). The studies' small models at batch
+    32 are launch-bound on a GPU (issue 11: 0.49 s per epoch on an H200 whether or not each
+    step syncs, for ~2 ms of arithmetic): a replay launches the step's ~100 kernels at once.
+    Other batch sizes (an epoch's last, partial batch) run eagerly on the same weights and
+    optimizer state. Capture needs a few warm-up steps (Adam's state, cuBLAS workspaces);
+    they run on a side stream and weights, optimizer state and CUDA RNG are put back after
+    them, so the run trains as if they never happened. One process only (no DDP).
+    """
+    import torch
+
+    def eager(rows):
+        loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        return loss.detach().double() * len(rows)
+
+    if not cuda_graph:
+        return eager
+
+    static_rows = torch.arange(batch_size, device=x.device) % len(x)
+    params = [t for t in model.state_dict().values()]
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    saved = [t.clone() for t in params + state]
+    rng = torch.cuda.get_rng_state(x.device)
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager(static_rows)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    with torch.no_grad():  # put everything back in place (the graph will use these tensors)
+        for t, before in zip(params + state, saved):
+            t.copy_(before)
+        known = {id(t) for t in state}
+        for s in optimizer.state.values():  # state the warm-up created: as a fresh Adam's
+            for t in s.values():
+                if torch.is_tensor(t) and id(t) not in known:
+                    t.zero_()
+    torch.cuda.set_rng_state(rng, x.device)
+    graph = torch.cuda.CUDAGraph()
+    # With no gradients before capture (zero_grad sets them to None, launching nothing), the
+    # graph's backward writes them rather than adding to them.
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = eager(static_rows)
+
+    def replay(rows):
+        if len(rows) != batch_size:
+            return eager(rows)
+        static_rows.copy_(rows)
+        graph.replay()
+        return static_loss
+
+    return replay
 
 
 def evaluate_loss(model, x, y, batch_size: int) -> float:

@@ -174,6 +174,27 @@ def mlflow_callback(tracking_uri: str, study_name: str, tags: dict):
                     self._trial_runs[trial] = run.info.run_id
             super().log_trial_start(trial)
 
+        def log_trial_result(self, iteration, trial, result):
+            # One database transaction per result: Ray's callback logs each of the ~15
+            # metrics with its own call (~8 ms each on SQLite), and while the driver logs,
+            # every trial waits for its next report to be collected (0.14 s wall per
+            # 0.05 s epoch before this).
+            from mlflow.entities import Metric
+            from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
+            from ray.tune.utils import flatten_dict
+
+            step = result.get(TIMESTEPS_TOTAL) or result[TRAINING_ITERATION]
+            now = int(time.time() * 1000)
+            metrics = []
+            for key, value in flatten_dict(result).items():
+                try:
+                    metrics.append(Metric(key, float(value), now, step))
+                except (TypeError, ValueError):  # as Ray's callback: only what converts to float
+                    continue
+            from mlflow.tracking import MlflowClient  # cheap: MLflow keeps one store per URI
+
+            MlflowClient(tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
+
     return OneRunPerTrial(tracking_uri=tracking_uri, experiment_name=f"raypd-{study_name}", tags=tags,
                           save_artifact=False)
 

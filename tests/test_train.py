@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from raypd.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
+from raypd.dataset import load_dataset, prepare
 from raypd.generate import generate
 from raypd.model import CNN1D
 from raypd.train import read_state, train_and_evaluate
@@ -71,6 +72,63 @@ def test_early_stopping_and_seeded_reproducibility(data_dir, tmp_path):
         return [(h["epoch"], h["train_loss"], h["val_loss"]) for h in run["history"]]
 
     assert losses(a) == losses(b) and a["mse"] == b["mse"]
+
+
+def plain_pytorch_losses(config: Config, data_dir) -> list[tuple[float, float]]:
+    """(train_loss, val_loss) per epoch of a plain PyTorch loop written from the contract:
+    model seeded by train.seed, epoch e's order randperm(seed * 100003 + e), batches of
+    batch_size in that order, MSE, Adam, gradient-norm clipping; val MSE over all entries."""
+    train = config.train
+    data = prepare(load_dataset(data_dir), train)
+    torch.manual_seed(train.seed)
+    model = CNN1D(config.model, data.inputs["train"].shape[1], data.n_outputs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    x, y = torch.tensor(data.inputs["train"]), torch.tensor(data.targets["train"])
+    x_val, y_val = torch.tensor(data.inputs["val"]), torch.tensor(data.targets["val"])
+    out = []
+    for epoch in range(train.epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
+        total = 0.0
+        for start in range(0, len(x), train.batch_size):
+            rows = order[start : start + train.batch_size]
+            loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            total += loss.item() * len(rows)
+        model.eval()
+        with torch.no_grad():
+            chunk = train.batch_size * 8
+            val = sum(torch.nn.functional.mse_loss(model(x_val[i : i + chunk]), y_val[i : i + chunk],
+                                                   reduction="sum").item() for i in range(0, len(x_val), chunk))
+        out.append((total / len(x), val / y_val.numel()))
+    return out
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_the_loop_trains_as_a_plain_pytorch_loop(data_dir, tmp_path, cuda_graph):
+    # 84 training rows in batches of 16: five full batches and a partial one per epoch.
+    # train.cuda_graph is a GPU setting: on a CPU it must change nothing.
+    config = tiny(epochs=3, patience=50, cuda_graph=cuda_graph)
+    run = train_and_evaluate(config, tmp_path / "run", data_dir)
+    expected = plain_pytorch_losses(config, data_dir)
+    got = [(h["train_loss"], h["val_loss"]) for h in run["history"]]
+    assert np.allclose(got, expected, rtol=1e-12, atol=0), (got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_steps_train_as_eager_steps_on_a_gpu(data_dir, tmp_path):
+    # dropout 0: the graph's dropout masks come from the same generator but not in eager order
+    def run(graph):
+        config = tiny(epochs=3, patience=50, use_gpu=True, cuda_graph=graph)
+        config = Config(data=config.data, model=ModelConfig(filters=[8, 8], kernel_sizes=[3, 3], hidden=[16],
+                                                            dropout=0.0), train=config.train)
+        return [(h["train_loss"], h["val_loss"]) for h in
+                train_and_evaluate(config, tmp_path / f"graph-{graph}", data_dir)["history"]]
+
+    assert np.allclose(run(True), run(False), rtol=1e-4)
 
 
 @pytest.mark.slow
