@@ -142,7 +142,7 @@ def make_train_step(model, optimizer, x, y, batch_size: int, grad_clip: float, c
         return eager
 
     static_rows = torch.arange(batch_size, device=x.device) % len(x)
-    params = [t for t in model.state_dict().values()]
+    params = list(model.state_dict().values())
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     saved = [t.clone() for t in params + state]
     rng = torch.cuda.get_rng_state(x.device)

@@ -180,6 +180,7 @@ def mlflow_callback(tracking_uri: str, study_name: str, tags: dict):
             # every trial waits for its next report to be collected (0.14 s wall per
             # 0.05 s epoch before this).
             from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
             from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
             from ray.tune.utils import flatten_dict
 
@@ -191,8 +192,7 @@ def mlflow_callback(tracking_uri: str, study_name: str, tags: dict):
                     metrics.append(Metric(key, float(value), now, step))
                 except (TypeError, ValueError):  # as Ray's callback: only what converts to float
                     continue
-            from mlflow.tracking import MlflowClient  # cheap: MLflow keeps one store per URI
-
+            # a client per call is cheap: MLflow keeps one store per tracking URI
             MlflowClient(tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
 
     return OneRunPerTrial(tracking_uri=tracking_uri, experiment_name=f"raypd-{study_name}", tags=tags,
