@@ -30,8 +30,6 @@ from raypd.config import RANGE_FIELDS, DataConfig, from_dict, to_dict
 from raypd.dataio import (MANIFEST, content_hash, manifest_path, read_manifest, row_digests, to_table,
                           write_table_atomic)
 
-__all__ = ["MANIFEST", "content_hash", "default_block_size", "generate", "generate_samples",
-           "read_manifest", "row_digests"]
 
 # Blocks (one Ray Data task and one Parquet file each). Each sample is solved on its own, so
 # a block costs the sum of its samples and small blocks waste nothing but per-task overhead

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from raypd.config import DataConfig, to_dict
-from raypd.generate import MANIFEST, generate
+from raypd.dataio import MANIFEST
+from raypd.generate import generate
 from tests.conftest import run_cli, snapshot
 from tests.test_dataset import corrupt
 

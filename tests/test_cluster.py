@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from raypd.config import DataConfig, load_config
-from raypd.generate import content_hash, generate, generate_samples, row_digests
+from raypd.dataio import content_hash, row_digests
+from raypd.generate import generate, generate_samples
 from raypd.tune import run_study
 from tests.conftest import REPO
 

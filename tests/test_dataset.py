@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raypd.config import DataConfig, TrainConfig
+from raypd.dataio import MANIFEST
 from raypd.dataset import load_dataset, metrics, normalise_inputs, prepare, split_ids
-from raypd.generate import MANIFEST, generate, generate_samples
+from raypd.generate import generate, generate_samples
 
 CONFIG = DataConfig(samples=40, seed=4, mu_range=(0.0, 0.0), time_points=33, time_span=(0.0, 32.0))
 

@@ -14,10 +14,9 @@ import pytest
 
 from raypd import ode
 from raypd.config import DataConfig, to_dict
-from raypd.dataio import LEGACY_MANIFEST
+from raypd.dataio import LEGACY_MANIFEST, MANIFEST, content_hash, row_digests
 from raypd.dataset import load_dataset
-from raypd.generate import (MANIFEST, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, content_hash, default_block_size,
-                            generate, generate_samples, row_digests)
+from raypd.generate import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, default_block_size, generate, generate_samples
 from tests.conftest import REPO, run_cli, snapshot
 from tests.reference import stable_one
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from raypd.config import DataConfig
-from raypd.generate import content_hash, generate, generate_samples, row_digests
+from raypd.dataio import content_hash, row_digests
+from raypd.generate import generate, generate_samples
 
 
 @pytest.fixture(scope="module")
