@@ -10,6 +10,7 @@ Each worker trains on its own slice of every epoch's permutation; DDP averages g
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -142,25 +143,13 @@ def make_train_step(model, optimizer, x, y, batch_size: int, grad_clip: float, c
         return eager
 
     static_rows = torch.arange(batch_size, device=x.device) % len(x)
-    params = list(model.state_dict().values())
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    saved = [t.clone() for t in params + state]
-    rng = torch.cuda.get_rng_state(x.device)
-    side = torch.cuda.Stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            eager(static_rows)
-    torch.cuda.current_stream(x.device).wait_stream(side)
-    with torch.no_grad():  # put everything back in place (the graph will use these tensors)
-        for t, before in zip(params + state, saved):
-            t.copy_(before)
-        known = {id(t) for t in state}
-        for s in optimizer.state.values():  # state the warm-up created: as a fresh Adam's
-            for t in s.values():
-                if torch.is_tensor(t) and id(t) not in known:
-                    t.zero_()
-    torch.cuda.set_rng_state(rng, x.device)
+    current, side = torch.cuda.current_stream(x.device), torch.cuda.Stream(x.device)
+    with state_kept(model, optimizer):  # restores on the current stream, after the side's work
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager(static_rows)
+        current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     # With no gradients before capture (zero_grad sets them to None, launching nothing), the
     # graph's backward writes them rather than adding to them.
@@ -176,6 +165,33 @@ def make_train_step(model, optimizer, x, y, batch_size: int, grad_clip: float, c
         return static_loss
 
     return replay
+
+
+@contextlib.contextmanager
+def state_kept(model, optimizer):
+    """Whatever runs inside leaves weights, optimizer state and the device's random state as
+    they were, each tensor restored in place (a CUDA graph captured afterwards uses these
+    tensors); optimizer state created inside is zeroed, as a fresh Adam's."""
+    import torch
+
+    device = next(model.parameters()).device
+    params = list(model.state_dict().values())
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    saved = [t.clone() for t in params + state]
+    rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    yield
+    with torch.no_grad():
+        for t, before in zip(params + state, saved):
+            t.copy_(before)
+        known = {id(t) for t in state}
+        for s in optimizer.state.values():
+            for t in s.values():
+                if torch.is_tensor(t) and id(t) not in known:
+                    t.zero_()
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(rng, device)
+    else:
+        torch.set_rng_state(rng)
 
 
 def evaluate_loss(model, x, y, batch_size: int) -> float:

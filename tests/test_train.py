@@ -12,7 +12,7 @@ from raypd.config import Config, DataConfig, ModelConfig, TrainConfig, load_conf
 from raypd.dataset import load_dataset, prepare
 from raypd.generate import generate
 from raypd.model import CNN1D
-from raypd.train import read_state, train_and_evaluate
+from raypd.train import make_train_step, read_state, state_kept, train_and_evaluate
 from tests.conftest import run_cli
 
 DATA = DataConfig(samples=120, seed=8, mu_range=(0.0, 0.0), time_points=64, time_span=(0.0, 63.0))
@@ -116,6 +116,32 @@ def test_the_loop_trains_as_a_plain_pytorch_loop(data_dir, tmp_path, cuda_graph)
     expected = plain_pytorch_losses(config, data_dir)
     got = [(h["train_loss"], h["val_loss"]) for h in run["history"]]
     assert np.allclose(got, expected, rtol=1e-12, atol=0), (got, expected)
+
+
+def test_steps_taken_under_state_kept_leave_no_trace(data_dir):
+    # What a CUDA graph's warm-up relies on, checked on the CPU: weights, Adam's state (a
+    # resumed one, and the state a fresh Adam creates) and the random state come back.
+    data = prepare(load_dataset(data_dir), TrainConfig())
+    x, y = torch.tensor(data.inputs["train"]), torch.tensor(data.targets["train"])
+    config = ModelConfig(filters=[8], kernel_sizes=[3], hidden=[16], dropout=0.3)
+
+    def losses(warm_up: bool, resumed: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = CNN1D(config, x.shape[1], y.shape[1])
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        step = make_train_step(model, optimizer, x, y, 16, 1.0, cuda_graph=False)
+        rows = [torch.arange(i, i + 16) for i in range(0, 64, 16)]
+        if resumed:
+            step(rows[0])
+        if warm_up:
+            with state_kept(model, optimizer):
+                for r in rows[::-1]:
+                    step(r)
+        return [step(r).item() for r in rows for _ in range(2)]
+
+    for resumed in (False, True):
+        assert losses(True, resumed) == losses(False, resumed)
+    assert losses(False, True) != losses(False, False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
