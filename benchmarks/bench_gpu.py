@@ -169,8 +169,14 @@ def main() -> None:
         for variant in args.studies.split(","):
             print(f"filters study, {args.gpus_per_trial:g} GPU per trial, dataset present, {variant}:", flush=True)
             if variant == "graph+mps":
-                with MPS(root / "mps") as mps:
-                    run_study(root, args.samples, args.gpus_per_trial, True, {**env, **mps.env})
+                if shutil.which("nvidia-cuda-mps-control") is None:
+                    print("  skipped: no nvidia-cuda-mps-control on this machine")
+                    continue
+                try:
+                    with MPS(root / "mps") as mps:
+                        run_study(root, args.samples, args.gpus_per_trial, True, {**env, **mps.env})
+                except subprocess.CalledProcessError as exc:
+                    print(f"  skipped: the MPS daemon did not start ({exc})")
             else:
                 run_study(root, args.samples, args.gpus_per_trial, variant == "graph", env)
     finally:
