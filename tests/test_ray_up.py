@@ -272,6 +272,8 @@ def test_ray_up_of_the_onprem_cluster_file_runs_a_study(sshd, short_tmp, tmp_pat
         "worker_start_ray_commands": [],
     }
     assert len(setup) == len(original["setup_commands"]) - 1 and str(shared) in setup[0]
+    commands = [c for key, value in config.items() if key.endswith("_commands") for c in value or []]
+    assert not any(word in c for c in commands for word in ("ray stop", "pkill", "killall")), commands
     cluster_file = tmp_path / "cluster-onprem.yaml"
     cluster_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
