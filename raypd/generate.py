@@ -6,9 +6,9 @@ Sample i is a pure function of (seed, i): it draws from its own random stream (P
 keyed by (seed, i), raypd.ode), and a draw that fails the stability filter or diverges is
 redrawn from that same stream; draws, filter and solver run compiled, one sample at a time.
 A dataset is therefore identical whatever the block size or the cluster. Ray Data runs
-range(blocks) -> map_batches(one block -> one Parquet file in a staging folder); the driver
-only collects a 16-byte digest per row, writes _manifest.json and renames the staging folder
-into place, so a dataset appears whole or not at all. An interrupted run leaves its finished
+from_items(block numbers) -> map_batches(one block -> one Parquet file in a staging folder);
+the driver only collects a 16-byte digest per row, writes _manifest.json and renames the
+staging folder into place, so a dataset appears whole or not at all. An interrupted run leaves its finished
 blocks in the staging folder and the same command picks them up again.
 """
 

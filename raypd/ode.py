@@ -83,9 +83,6 @@ class Params:
             [self.g, self.mu, self.Pi.reshape(b, -1), self.Gamma.reshape(b, -1)], axis=1
         )
 
-    def take(self, index) -> Params:
-        return Params(self.g[index], self.mu[index], self.Pi[index], self.Gamma[index])
-
 
 # --------------------------------------------------------------------------- random draws
 #

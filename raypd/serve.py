@@ -258,7 +258,7 @@ def log_and_register(study: str, summary: dict, tracking_uri: str, test_split: P
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(code), artifacts={"model": str(Path(tmp) / MODEL_FILE)},
-                signature=signature(model), input_example=np.asarray(example[:1], dtype=np.float32),
+                signature=signature(model), input_example=example.astype(np.float32, copy=False),
                 pip_requirements=requirements,
                 metadata={"target_names": model.target_names, "series_shape": list(model.series_shape)})
     # the registry through this client: MLflow's global registry URI (inherited by subprocesses

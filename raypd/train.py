@@ -22,9 +22,7 @@ import numpy as np
 from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
 from raypd.config import Config, TrainConfig, from_dict, load_config, to_dict
 from raypd.dataset import Prepared, load_dataset, metrics, prepare, write_json
-from raypd.serve import model_meta
-
-CHECKPOINT_FILE = "state.pt"
+from raypd.serve import CHECKPOINT_FILE, model_meta
 
 
 # --------------------------------------------------------------------------- the loop
@@ -206,14 +204,12 @@ def evaluate_loss(model, x, y, batch_size: int) -> float:
     return total.item() / (len(x) * y.shape[1])
 
 
-def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict | None = None) -> None:
+def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict) -> None:
     """checkpoint_dir/last (and /best when improved), each replaced whole. meta: what turns
     raw series into raw-unit predictions (raypd.serve.model_meta), saved beside the weights."""
     import torch
 
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
-    if meta is not None:
-        payload["meta"] = meta
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "meta": meta}
     for name in ("last", "best") if best else ("last",):
         tmp = checkpoint_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
