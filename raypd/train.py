@@ -72,6 +72,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if (checkpoint_dir / "last" / CHECKPOINT_FILE).exists():  # continue an interrupted run
         saved = torch.load(checkpoint_dir / "last" / CHECKPOINT_FILE, map_location=device, weights_only=True)
         unwrapped.load_state_dict(saved["model"])
+        # Adam's groups carry the saving run's `capturable` flag, and loading would restore it:
+        # a graph run's state would then fail on a CPU, and an eager run's could not be captured.
+        for group in saved["optimizer"]["param_groups"]:
+            group["capturable"] = graphed
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
 

@@ -64,6 +64,18 @@ def test_an_interrupted_run_continues_from_its_last_epoch(data_dir, tmp_path):
     assert read_state(tmp_path / "run" / "checkpoints" / "last")["epoch"] == 4
 
 
+def test_a_checkpoint_of_a_cuda_graph_run_continues_on_a_cpu(data_dir, tmp_path):
+    # A train.cuda_graph run saves Adam(capturable=True); a capturable Adam refuses CPU tensors.
+    first = train_and_evaluate(tiny(epochs=2, patience=50), tmp_path / "run", data_dir)
+    last = tmp_path / "run" / "checkpoints" / "last" / "state.pt"
+    saved = torch.load(last, weights_only=True)
+    for group in saved["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    torch.save(saved, last)
+    second = train_and_evaluate(tiny(epochs=3, patience=50), tmp_path / "run", data_dir)
+    assert second["history"][:2] == first["history"] and second["epochs"] == 3
+
+
 def test_early_stopping_and_seeded_reproducibility(data_dir, tmp_path):
     a = train_and_evaluate(tiny(epochs=30, patience=1, lr=0.05), tmp_path / "a", data_dir)
     b = train_and_evaluate(tiny(epochs=30, patience=1, lr=0.05), tmp_path / "b", data_dir)
