@@ -67,6 +67,7 @@ def epoch_seconds(config, data, batch: int, device: str, how: str, epochs: int =
             loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
             optimizer.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)  # as raypd's step
             optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -143,6 +144,9 @@ def main() -> None:
     ap.add_argument("--studies", default="eager,graph,graph+mps",
                     help="comma-separated study variants: eager, graph, graph+mps (default %(default)s)")
     args = ap.parse_args()
+    unknown = set(args.studies.split(",")) - {"eager", "graph", "graph+mps"}
+    if unknown:
+        ap.error(f"--studies: unknown variant(s) {', '.join(sorted(unknown))}; choose from eager, graph, graph+mps")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: nothing to measure (run this on a GPU machine)")
         return
