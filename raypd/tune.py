@@ -18,6 +18,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -96,9 +97,16 @@ def check_space(config: Config) -> None:
 # --------------------------------------------------------------------------- resources
 
 
-def trial_resources(config: Config, capacity: Capacity) -> tuple[dict, int, bool]:
-    """(resources of a trial's own process, how many trials run at once, use_gpu), from what
-    the cluster has or can grow to (raypd.cluster), not from the nodes that happen to be up.
+class TrialPlan(NamedTuple):
+    resources: dict  # the trial's own process, for tune.with_resources
+    concurrent: int  # trials at a time
+    use_gpu: bool
+    gpus: float  # GPUs one trial holds in all (its process, or its workers)
+
+
+def trial_resources(config: Config, capacity: Capacity) -> TrialPlan:
+    """What a trial holds and how many run at once, from what the cluster has or can grow to
+    (raypd.cluster), not from the nodes that happen to be up.
 
     A local-mode trial is one bundle of 1 CPU (+ gpus_per_worker GPUs when training uses
     GPUs). A worker-group trial holds 1 CPU for its driver function and starts num_workers
@@ -112,7 +120,8 @@ def trial_resources(config: Config, capacity: Capacity) -> tuple[dict, int, bool
     workers = config.train.num_workers
     gpus = config.train.gpus_per_worker if gpu else 0
     worker = {"CPU": 1, "GPU": gpus}
-    need = f"{1 + workers} CPUs and {gpus * max(workers, 1):g} GPUs"
+    trial_gpus = gpus * max(workers, 1)
+    need = f"{1 + workers} CPUs and {trial_gpus:g} GPUs"
     if not capacity.fits(worker):
         raise ValueError(f"one trial needs {need} ({'1 CPU' if workers == 0 else f'{workers} workers of 1 CPU'}"
                          f"{f' + {gpus:g} GPU' if gpus else ''} each) and no node can hold "
@@ -127,8 +136,9 @@ def trial_resources(config: Config, capacity: Capacity) -> tuple[dict, int, bool
     if fit < 1:
         raise ValueError(f"one trial needs {need}; {capacity.describe()} (lower train.num_workers)")
     limit = config.search.max_concurrent or fit
-    resources = {"cpu": 1, "gpu": gpus if workers == 0 else 0}
-    return resources, max(1, min(limit, fit, config.search.num_samples)), gpu
+    return TrialPlan(resources={"cpu": 1, "gpu": gpus if workers == 0 else 0},
+                     concurrent=max(1, min(limit, fit, config.search.num_samples)), use_gpu=gpu,
+                     gpus=trial_gpus)
 
 
 # --------------------------------------------------------------------------- the trial
@@ -238,11 +248,10 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
 
     init_ray(address)
     capacity = cluster_capacity()
-    resources, concurrent, gpu = trial_resources(config, capacity)  # a trial that can never fit stops here
-    gpus = config.train.gpus_per_worker * max(config.train.num_workers, 1) if gpu else 0
-    limited = " (search.max_concurrent)" if concurrent == config.search.max_concurrent else ""
-    print(f"raypd.tune: {concurrent} trial(s) at a time{limited}, each {1 + config.train.num_workers} CPU(s) "
-          f"and {gpus:g} GPU(s); from {capacity.describe()}", file=sys.stderr)
+    plan = trial_resources(config, capacity)  # a trial that can never fit stops here
+    limited = " (search.max_concurrent)" if plan.concurrent == config.search.max_concurrent else ""
+    print(f"raypd.tune: {plan.concurrent} trial(s) at a time{limited}, each {1 + config.train.num_workers} CPU(s) "
+          f"and {plan.gpus:g} GPU(s); from {capacity.describe()}", file=sys.stderr)
     check_shared(root)
     data_dir = dataset_dir(config, root)
     manifest = generate(config.data, data_dir)
@@ -261,7 +270,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         client = MlflowClient(tracking_uri)
         if client.get_experiment_by_name(f"raypd-{name}") is None:
             client.create_experiment(f"raypd-{name}", artifact_location=(root / "mlartifacts").as_uri())
-    trainable = tune.with_resources(make_trial(config, data_ref, study_dir, gpu), resources)
+    trainable = tune.with_resources(make_trial(config, data_ref, study_dir, plan.use_gpu), plan.resources)
     # A trial that fails (a lost node, a killed worker) is retried, continuing from its
     # checkpoints in study_dir/trials/<id>.
     run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
@@ -272,7 +281,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
-                           tune_config=tune_config(config, concurrent, name))
+                           tune_config=tune_config(config, plan.concurrent, name))
     results = tuner.fit()
     summary = summarise(config, name, results, prepared, study_dir)
     finish_mlflow(tracking_uri, name, summary)

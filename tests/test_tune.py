@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from raypd.config import load_config
 from raypd.cluster import Capacity, NodeType, node_types_from_config
 from raypd.train import ddp_backend, use_gpu
-from raypd.tune import resolve, run_study, trial_resources
+from raypd.tune import TrialPlan, resolve, run_study, trial_resources
 from tests.conftest import REPO, run_cli, snapshot
 
 SMOKE = str(REPO / "tune_configs" / "smoke.yaml")
@@ -99,15 +99,15 @@ def live(**resources) -> Capacity:
 
 def test_concurrency_fits_the_cluster():
     local = load_config(SMOKE)
-    assert trial_resources(local, live(CPU=2)) == ({"cpu": 1, "gpu": 0}, 2, False)
+    assert trial_resources(local, live(CPU=2)) == TrialPlan({"cpu": 1, "gpu": 0}, 2, False, 0)
     group = load_config(SMOKE, ["train.num_workers=1"])
-    assert trial_resources(group, live(CPU=2))[1] == 1  # two such trials deadlock on 2 CPUs
+    assert trial_resources(group, live(CPU=2)).concurrent == 1  # two such trials deadlock on 2 CPUs
     assert trial_resources(load_config(SMOKE, ["train.num_workers=1", "train.use_gpu=true"]),
-                           live(CPU=16, GPU=2))[1] == 2
+                           live(CPU=16, GPU=2)).concurrent == 2
     half = load_config(SMOKE, ["train.num_workers=2", "train.use_gpu=true", "train.gpus_per_worker=0.5"])
-    assert trial_resources(half, live(CPU=16, GPU=1))[1] == 1  # two workers share one GPU
+    assert trial_resources(half, live(CPU=16, GPU=1))[1:] == (1, True, 1.0)  # two workers share one GPU
     assert trial_resources(load_config(SMOKE, ["train.use_gpu=true", "train.gpus_per_worker=0.25"]),
-                           live(CPU=16, GPU=1)) == ({"cpu": 1, "gpu": 0.25}, 4, True)
+                           live(CPU=16, GPU=1)) == TrialPlan({"cpu": 1, "gpu": 0.25}, 4, True, 0.25)
     with pytest.raises(ValueError, match="one trial needs 3 CPUs"):
         trial_resources(load_config(SMOKE, ["train.num_workers=2"]), live(CPU=2))
 
@@ -126,11 +126,11 @@ def test_resources_come_from_what_an_autoscaling_cluster_can_grow_to():
     assert {t.name: t.max_nodes for t in grown.node_types} == {
         "ray.head.default": 1, "ray.worker.gpu": 4, "ray.worker.cpu": 4}
     filters = load_config(str(REPO / "tune_configs" / "filters.yaml"))
-    assert trial_resources(filters, grown) == ({"cpu": 1, "gpu": 1.0}, 4, True)  # 4 GPU nodes of 1 GPU
+    assert trial_resources(filters, grown) == TrialPlan({"cpu": 1, "gpu": 1.0}, 4, True, 1.0)  # 4 GPU nodes of 1 GPU
     quarter = load_config(str(REPO / "tune_configs" / "filters.yaml"), ["train.gpus_per_worker=0.25"])
-    assert trial_resources(quarter, grown)[1] == 12  # num_samples caps 16
+    assert trial_resources(quarter, grown).concurrent == 12  # num_samples caps 16
     cpu_only = load_config(str(REPO / "tune_configs" / "filters.yaml"), ["train.use_gpu=false"])
-    assert trial_resources(cpu_only, grown) == ({"cpu": 1, "gpu": 0}, 12, False)  # 4 x 4 + 4 x 16 CPUs
+    assert trial_resources(cpu_only, grown) == TrialPlan({"cpu": 1, "gpu": 0}, 12, False, 0)  # 4 x 4 + 4 x 16 CPUs
     assert not use_gpu(filters, Capacity(grown.node_types[:1], "head only"))
     two_gpus = load_config(str(REPO / "tune_configs" / "filters.yaml"), ["train.gpus_per_worker=2"])
     with pytest.raises(ValueError, match="no node can hold it: cluster.yaml: ray.head.default"):
