@@ -213,7 +213,10 @@ def log_to_mlflow(root: Path, study: str, summary: dict, files: list[Path]) -> N
     """The pictures and the page as artifacts of the best trial's MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{Path(root).absolute() / 'mlflow.db'}")
+    store = Path(root).absolute() / "mlflow.db"
+    if not store.exists():  # a study tracked elsewhere (--tracking-uri): do not create a store here
+        return
+    client = MlflowClient(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name(f"raypd-{study}")
     if experiment is None:
         return

@@ -4,8 +4,8 @@
 
 The study's dataset is generated once (when missing), read and prepared once by this driver
 and put into the object store; every trial reads it from there. Each trial is a driver
-function that runs raypd.train's loop on Ray Train: in local mode (train.num_workers 0, the
-default for studies) inside the trial's own process, which keeps a trial's fixed cost near
+function that runs raypd.train's loop on Ray Train: in local mode (train.num_workers 0, as
+every study file but base sets) inside the trial's own process, which keeps a trial's fixed cost near
 a second; with a real worker group when the study asks for workers. Re-running the same
 command resumes an interrupted study; re-running a finished one prints its summary.
 """
@@ -419,7 +419,7 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m raypd.tune", description="Run a hyperparameter study on Ray Tune.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--study", help="a study in tune_configs/ (base, lr, layers, filters, smoke)")
+    which.add_argument("--study", help=f"a study in tune_configs/ ({', '.join(sorted(p.stem for p in STUDIES.glob('*.yaml')))})")
     which.add_argument("--config", help="a study file elsewhere")
     p.add_argument("--searcher", choices=["optuna", "hyperopt"], help="overrides search.searcher")
     p.add_argument("--root", default="runs", help="datasets, studies and mlflow.db go here (default %(default)s)")

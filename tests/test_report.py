@@ -51,6 +51,15 @@ def test_report_pictures_show_the_data(study):
     assert str(root) in best.info.artifact_uri  # under ROOT, not ./mlruns
 
 
+def test_a_report_without_mlflow_db_under_root_creates_none(study, tmp_path):
+    import shutil
+
+    root, _ = study
+    shutil.copytree(root / "tune" / "smoke", tmp_path / "tune" / "smoke")  # tracked elsewhere
+    assert make_report("smoke", tmp_path).exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_predict_round_trips_the_study_test_metrics(study, tmp_path):
     root, config = study
     data = dataset_dir(config, root)
