@@ -36,9 +36,12 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     if path is None:
         raise ValueError(f"{Path(folder) / MANIFEST}: no {MANIFEST}: not a raypd dataset (run raypd.generate)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: {path.name} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: {path.name} must hold a JSON object (got {type(manifest).__name__})")
+    return manifest
 
 
 def row_digests(columns: dict[str, np.ndarray]) -> bytes:

@@ -57,12 +57,13 @@ def load_dataset(folder: str | Path) -> Dataset:
         n, (channels, steps) = config.n_actions, manifest["series_shape"]
         files = manifest["files"]
         expected_rows = int(manifest["samples"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{folder / MANIFEST}: not a raypd manifest ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{folder / MANIFEST}: not a raypd manifest ({type(exc).__name__}: {exc})") from None
     n_params, n_ic = 2 * n + 2 * n * n, 2 * n
     if [channels, steps] != [2 * n, config.time_points]:
         raise ValueError(f"{folder / MANIFEST}: series_shape {manifest['series_shape']} does not "
                          f"match n_actions {n} and time_points {config.time_points}")
+    check_manifest_keys(manifest, folder / MANIFEST, n_params, n_ic, steps)
 
     parts = []
     next_id = 0
@@ -74,6 +75,12 @@ def load_dataset(folder: str | Path) -> Dataset:
             raise ValueError(f"{path}: listed in {MANIFEST} but missing") from None
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"{path}: not a readable raypd Parquet file ({str(exc).splitlines()[0]})") from None
+        for field in table.schema:
+            ok = (pa.types.is_integer(field.type) if field.name == "sample_id" else
+                  pa.types.is_list(field.type) and pa.types.is_floating(field.type.value_type))
+            if not ok:
+                allowed = "integers" if field.name == "sample_id" else "lists of floating-point numbers"
+                raise ValueError(f"{path}: column {field.name} is {field.type}; it must hold {allowed}")
         rows = table.num_rows
         if rows != entry["rows"]:
             raise ValueError(f"{path}: {rows} rows, {MANIFEST} says {entry['rows']}")
@@ -101,6 +108,30 @@ def load_dataset(folder: str | Path) -> Dataset:
         ic=np.concatenate([p[1]["ic"] for p in parts]).astype(np.float64),
         series=np.concatenate([p[1]["series"] for p in parts]).astype(np.float32).reshape(-1, channels, steps),
     )
+
+
+def check_manifest_keys(manifest: dict, path: Path, n_params: int, n_ic: int, steps: int) -> None:
+    """What the stages read from a manifest beyond its settings, with the right types and sizes."""
+    def names(key: str, count: int) -> bool:
+        value = manifest.get(key)
+        return isinstance(value, list) and len(value) == count and all(isinstance(v, str) for v in value)
+
+    files = manifest["files"]
+    checks = [
+        ("files", isinstance(files, list) and all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("rows")) is int and e["rows"] >= 0
+            for e in files), "a list of {path: file name, rows: count}"),
+        ("n_actions", manifest.get("n_actions") == n_ic // 2, f"{n_ic // 2}, as in its settings"),
+        ("param_names", names("param_names", n_params), f"a list of {n_params} names"),
+        ("ic_names", names("ic_names", n_ic), f"a list of {n_ic} names"),
+        ("time_points", isinstance(manifest.get("time_points"), list) and len(manifest["time_points"]) == steps
+         and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in manifest["time_points"]),
+         f"a list of {steps} times"),
+        ("content_hash", isinstance(manifest.get("content_hash"), str), "a string"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{path}: {key} must be {allowed} (got {json.dumps(manifest.get(key))[:60]})")
 
 
 def split_ids(sample_ids: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:

@@ -174,7 +174,7 @@ def check_out_dir(config: DataConfig, out: Path) -> dict | None:
                          "choose a new or empty folder")
     manifest = read_manifest(out)
     if manifest.get("settings") != to_dict(config):
-        theirs = manifest.get("settings") or {}
+        theirs = manifest["settings"] if isinstance(manifest.get("settings"), dict) else {}
         diff = [k for k in to_dict(config) if theirs.get(k) != to_dict(config)[k]]
         raise ValueError(f"--out {out} already holds a different dataset (differs in: "
                          f"{', '.join(diff) or 'format'}); choose another --out")

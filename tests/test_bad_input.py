@@ -39,6 +39,7 @@ CASES = [
     ("generate", None, ["--out", "{foreign}"], f"is a non-empty folder without {MANIFEST}"),
     ("generate", None, ["--out", "{other}", "--samples", "6"], "already holds a different dataset (differs in: samples)"),
     ("generate", None, ["--out", "{other}", "--samples", "5"], "drawn by an earlier raypd from other random streams"),
+    ("generate", None, ["--out", "{listed}"], f"{MANIFEST} must hold a JSON object (got list)"),
     ("generate", None, HOPELESS, "no draw in 20000 tries from these sampling ranges passes the stability filter"),
     ("generate", None, ["--address", "127.0.0.1:1"], "cannot start or reach Ray at 127.0.0.1:1"),
     ("generate", None, ["--address", "nowhere"], "must be HOST:PORT, ray://HOST:PORT or auto"),
@@ -68,6 +69,8 @@ CASES = [
     ("train", "", ["--data", "{bad:shape}"], "does not match n_actions"),
     ("train", "", ["--data", "{bad:nan}"], "column series holds NaN"),
     ("train", "", ["--data", "{bad:manifest not json}"], f"{MANIFEST} is not valid JSON"),
+    ("train", "", ["--data", "{bad:entry without rows}"], "files must be a list of {{path: file name, rows: count}}"),
+    ("train", "", ["--data", "{bad:series as strings}"], "column series is list<element: string>; it must hold"),
     ("train", "", ["--data", "{missing}"], "does not exist (generate it with raypd.generate)"),
     ("train", "", ["--out", "{file}"], "is a file; it must be a folder"),
     # raypd.tune: study files, --set, flags
@@ -106,9 +109,11 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(dataset, tmp_path, 
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / MANIFEST).write_text(json.dumps({"settings": to_dict(DataConfig(samples=5))}))
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / MANIFEST).write_text("[]")
     (tmp_path / "root").mkdir()
     places = {"file": tmp_path / "file", "foreign": tmp_path / "foreign", "other": tmp_path / "other",
-              "missing": tmp_path / "missing"}
+              "missing": tmp_path / "missing", "listed": tmp_path / "listed"}
 
     def fill(arg: str) -> str:
         if arg.startswith("{bad:"):

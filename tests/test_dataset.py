@@ -33,6 +33,20 @@ def test_reads_back_what_was_generated(dataset_dir):
     assert ds.target_names == ["g_1", "mu_1", "Pi_11", "Gamma_11", "v0_1", "m0_1"]
 
 
+MANIFEST_DAMAGE = {  # the manifest as a hand edit or another tool might leave it
+    "entry without rows": lambda m: {**m, "files": [{"path": m["files"][0]["path"]}, *m["files"][1:]]},
+    "files not a list": lambda m: {**m, "files": {"part-0.parquet": 1}},
+    "no content_hash": lambda m: {k: v for k, v in m.items() if k != "content_hash"},
+    "no param_names": lambda m: {k: v for k, v in m.items() if k != "param_names"},
+    "time_points cut short": lambda m: {**m, "time_points": m["time_points"][:3]},
+    "manifest a list": lambda m: [m],
+}
+COLUMN_DAMAGE = {  # a part file rewritten with other column types
+    "params as plain numbers": lambda t: ("params", pa.array(np.zeros(t.num_rows))),
+    "series as strings": lambda t: ("series", pa.array([["1"]] * t.num_rows)),
+}
+
+
 def corrupt(dataset_dir, tmp_path, how):
     bad = tmp_path / "bad"
     shutil.copytree(dataset_dir, bad)
@@ -61,6 +75,12 @@ def corrupt(dataset_dir, tmp_path, how):
         pq.write_table(table.set_column(3, "series", fixed), first)
     elif how == "manifest not json":
         (bad / MANIFEST).write_text("{oops")
+    elif how in MANIFEST_DAMAGE:
+        (bad / MANIFEST).write_text(json.dumps(MANIFEST_DAMAGE[how](manifest)))
+    elif how in COLUMN_DAMAGE:
+        table = pq.read_table(first)
+        name, column = COLUMN_DAMAGE[how](table)
+        pq.write_table(table.set_column(table.schema.get_field_index(name), name, column), first)
     return bad, first
 
 
@@ -68,7 +88,15 @@ CASES = [("no manifest", f"no {MANIFEST}"), ("truncated", "not a readable raypd 
          ("missing file", f"listed in {MANIFEST} but missing"),
          ("foreign parquet", "not a readable raypd Parquet file"), ("row count", f"rows, {MANIFEST} says"),
          ("shape", "does not match n_actions"), ("nan", "column series holds NaN"),
-         ("manifest not json", f"{MANIFEST} is not valid JSON")]
+         ("manifest not json", f"{MANIFEST} is not valid JSON"),
+         ("entry without rows", "files must be a list of {path: file name, rows: count}"),
+         ("files not a list", "files must be a list of"),
+         ("no content_hash", "content_hash must be a string (got null)"),
+         ("no param_names", "param_names must be a list of 4 names"),
+         ("time_points cut short", "time_points must be a list of 33 times"),
+         ("manifest a list", "must hold a JSON object (got list)"),
+         ("params as plain numbers", "column params is double; it must hold lists of floating-point numbers"),
+         ("series as strings", "column series is list<element: string>; it must hold lists of floating-point")]
 
 
 @pytest.mark.parametrize("how, message", CASES)
@@ -77,7 +105,8 @@ def test_a_damaged_dataset_is_named(dataset_dir, tmp_path, how, message):
     with pytest.raises(ValueError) as info:
         load_dataset(bad)
     assert message in str(info.value)
-    named = first.name if how in ("truncated", "missing file", "foreign parquet", "row count", "nan") else MANIFEST
+    in_part_file = how in ("truncated", "missing file", "foreign parquet", "row count", "nan", *COLUMN_DAMAGE)
+    named = first.name if in_part_file else MANIFEST
     assert named in str(info.value)
 
 
