@@ -210,6 +210,11 @@ class SearchConfig:
                          ("max_failures", 0), ("seed", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"search.{key} must be >= {low} (got {getattr(self, key)})")
+        for section, names in (("space", self.space), ("derive", self.derive)):
+            for name in names:
+                if not isinstance(name, str):
+                    raise ValueError(f"search.{section}: names must be text, a config key or a variable "
+                                     f"(got {name!r})")
         for name, spec in self.space.items():
             where = f"search.space.{name}"
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
@@ -228,6 +233,8 @@ class SearchConfig:
                                      f"(got {args!r})")
                 if kind == "int" and not all(isinstance(a, int) for a in args):
                     raise ValueError(f"{where}: int bounds and step must be integers (got {args!r})")
+                if kind == "int" and len(args) == 3 and args[2] < 1:
+                    raise ValueError(f"{where}: int step must be >= 1 (got {args!r})")
         variables = {n for n in self.space if "." not in n}
         for key, spec in self.derive.items():
             where = f"search.derive.{key}"

@@ -73,21 +73,31 @@ def resolve(config: Config, params: dict) -> Config:
     for key, spec in config.search.derive.items():
         kind, args = next(iter(spec.items()))
         if kind == "repeat":
-            put(key, [args[0]] * int(params[args[1]]))
+            count = params[args[1]]
+            if isinstance(count, bool) or not isinstance(count, (int, float)) or count != int(count):
+                raise ValueError(f"search.derive.{key}: repeat's count {args[1]} must be a whole number "
+                                 f"(got {count!r})")
+            put(key, [args[0]] * int(count))
         else:
             put(key, [params[a] if isinstance(a, str) and a in params else a for a in args])
     return from_dict(Config, merge(to_dict(config), overrides)).validate()
 
 
 def check_space(config: Config) -> None:
-    """Both corners of the space (all lows, all highs) must make valid configs."""
+    """Before any trial runs: both corners of the space (all lows, all highs) must make valid
+    configs, and so must every value of each variable (each choice, an int's bounds, a float
+    range's bounds as floats) with the others at either corner."""
     from raypd.train import check_fits
 
-    for pick in (0, -1):
-        params = {}
-        for name, spec in config.search.space.items():
-            kind, args = next(iter(spec.items()))
-            params[name] = args[pick] if kind == "choice" else args[0 if pick == 0 else 1]
+    values = {}
+    for name, spec in config.search.space.items():
+        kind, args = next(iter(spec.items()))
+        values[name] = (list(args) if kind == "choice" else args[:2] if kind == "int"
+                        else [float(args[0]), float(args[1])])  # Optuna and HyperOpt sample floats
+    corners = [{name: v[0] for name, v in values.items()}, {name: v[-1] for name, v in values.items()}]
+    trials = corners + [{**corner, name: value} for corner in corners
+                        for name, choices in values.items() for value in choices]
+    for params in trials:
         try:
             check_fits(resolve(config, params), config.data.time_points)
         except (ValueError, KeyError) as exc:
@@ -436,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(str(path), sets)
         name = args.study or path.stem
         if args.print_config:
+            check_space(config)
             print(json.dumps({"study": name, **to_dict(config)}, indent=1))
             return 0
         if Path(args.root).exists() and not Path(args.root).is_dir():

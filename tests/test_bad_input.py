@@ -83,6 +83,12 @@ CASES = [
     ("tune", "search: {space: {n: {int: [1, 8]}}, derive: {model.filters: {repeat: [8, n]}, "
              "model.kernel_sizes: {repeat: [3, n]}}}\n", [], "search space: model.filters has 8 conv blocks"),
     ("tune", "search: {num_samples: 0}\n", [], "search.num_samples must be >= 1"),
+    ("tune", "search: {space: {1: {uniform: [0, 1]}}}\n", [], "search.space: names must be text"),
+    ("tune", "search: {space: {train.batch_size: {int: [4, 16, 0]}}}\n", [], "int step must be >= 1"),
+    ("tune", "search: {space: {train.batch_size: {uniform: [4, 16]}}}\n", [], "train.batch_size must be int (got 4.0)"),
+    ("tune", "search: {space: {train.batch_size: {choice: [4, '8', 16]}}}\n", [], "train.batch_size must be int (got '8')"),
+    ("tune", "search: {space: {n: {choice: [1, null]}}, derive: {model.filters: {repeat: [8, n]}, "
+             "model.kernel_sizes: {repeat: [3, n]}}}\n", [], "repeat's count n must be a whole number (got None)"),
     ("tune", "search: {max_failures: -1}\n", [], "search.max_failures must be >= 0"),
     ("tune", "searchh: {}\n", [], "unknown key searchh"),
     ("tune", "train: {epochs: three}\n", [], "train.epochs must be int"),
