@@ -264,7 +264,24 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.search.validate()
+        check_split(self.data.samples, self.train.split, "data.samples")
         return self
+
+
+def split_sizes(samples: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """How many of `samples` samples the train, val and test splits get."""
+    n_train, n_val = int(round(fractions[0] * samples)), int(round(fractions[1] * samples))
+    return n_train, n_val, samples - n_train - n_val
+
+
+def check_split(samples: int, fractions: tuple[float, float, float], what: str) -> None:
+    """Every split needs a sample: the loop divides by the train and val sizes, the metrics by
+    the test size."""
+    sizes = split_sizes(samples, fractions)
+    empty = [name for name, size in zip(("train", "val", "test"), sizes) if size < 1]
+    if empty:
+        raise ValueError(f"train.split {list(fractions)} of {what} {samples} leaves the {' and '.join(empty)} "
+                         f"split empty ({'/'.join(map(str, sizes))}); each split needs at least one sample")
 
 
 def apply_sets(values: dict, assignments: list[str]) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raypd.config import INPUT_NORMS, DataConfig, TrainConfig, from_dict
+from raypd.config import INPUT_NORMS, DataConfig, TrainConfig, check_split, from_dict, split_sizes
 from raypd.dataio import MANIFEST, read_manifest
 
 
@@ -137,8 +137,7 @@ def check_manifest_keys(manifest: dict, path: Path, n_params: int, n_ic: int, st
 def split_ids(sample_ids: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
     """Deterministic train/val/test split by sample_id: a seeded permutation of the ids."""
     order = np.random.default_rng(seed).permutation(np.sort(sample_ids))
-    n_train = int(round(fractions[0] * order.size))
-    n_val = int(round(fractions[1] * order.size))
+    n_train, n_val, _ = split_sizes(order.size, fractions)
     return {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:n_train + n_val]),
             "test": np.sort(order[n_train + n_val:])}
 
@@ -237,6 +236,7 @@ class Prepared:
 
 
 def prepare(dataset: Dataset, train: TrainConfig) -> Prepared:
+    check_split(dataset.sample_id.size, train.split, "the dataset's")
     ids = split_ids(dataset.sample_id, train.split, train.split_seed)
     raw = dataset.targets
     position = {name: np.searchsorted(dataset.sample_id, ids[name]) for name in ids}

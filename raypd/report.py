@@ -196,7 +196,7 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;f
 <h1>Study {html.escape(study)}</h1>
 <p>{summary['num_trials']} trials, {summary['total_epochs']} epochs; searcher {summary['searcher']}, scheduler
 {summary['scheduler']}. Best trial {html.escape(str(summary['best_trial_id']))}: val_loss {summary['best_val_loss']:.4f},
-test MSE {metrics['mse']:.4f} (raw units), R² {metrics['r2']:.3f}; re-simulation MSE over the test split {resim_text}
+test MSE {metrics['mse']:.4f} (raw units), R² {number(metrics['r2'], '.3f') or 'n/a'}; re-simulation MSE over the test split {resim_text}
 ({summary['resimulation_diverged']} of {len(test_ids)} re-simulations diverged).</p>
 <h2>Best model, per target (test split, raw units)</h2>
 <table><tr><th>target</th><th>MSE</th><th>MAE</th><th>R²</th></tr>{per_target}</table>

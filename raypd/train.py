@@ -331,11 +331,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
         generate(config.data, data_dir, address=address)
     dataset = load_dataset(data_dir)
     check_fits(config, dataset.series.shape[2])
+    data = prepare(dataset, config.train)
     init_ray(address)
     check_shared(workdir.parent)
     import ray
 
-    data = prepare(dataset, config.train)
     fit(config, ray.put(data), workdir)
     best = workdir / "checkpoints" / "best"
     y_pred = predict_inputs(best, data.inputs["test"])
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         result = train_and_evaluate(config, out, args.data, args.root, args.address)
         names = ", ".join(f"{k} {v['mse']:.3g}" for k, v in result["per_target"].items())
         print(f"{out}: test mse {result['mse']:.4f} (raw units; per target: {names}), "
-              f"r2 {result['r2']:.3f}, {result['epochs']} epochs")
+              f"r2 {'n/a' if result['r2'] is None else format(result['r2'], '.3f')}, {result['epochs']} epochs")
         return 0
 
     run_main("raypd.train", body)

@@ -420,7 +420,7 @@ def print_summary(summary: dict) -> None:
     if summary["best_test_metrics"]:
         m = summary["best_test_metrics"]
         print(f"best: {summary['best_trial_id']} val_loss {summary['best_val_loss']:.4f}; test mse {m['mse']:.4f} "
-              f"(raw units), r2 {m['r2']:.3f}; checkpoint {summary['best_checkpoint']}")
+              f"(raw units), r2 {'n/a' if m['r2'] is None else format(m['r2'], '.3f')}; checkpoint {summary['best_checkpoint']}")
 
 
 # --------------------------------------------------------------------------- command line

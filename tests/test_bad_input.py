@@ -54,6 +54,8 @@ CASES = [
     ("train", "", ["--set", "train.split=[0.5,0.5,0.5]"], "train.split must be three fractions"),
     ("train", "", ["--set", "train.gpus_per_worker=1.5"], "train.gpus_per_worker must be a fraction"),
     ("train", "", ["--set", "lr"], "--set 'lr' must look like key=value"),
+    ("train", "", ["--set", "train.split=[0.98,0.01,0.01]"], "of the dataset's 40 leaves the val split empty (39/0/1)"),
+    ("tune", "", ["--set", "data.samples=5"], "of data.samples 5 leaves the test split empty (4/1/0)"),
     ("train", "", ["--set", "train.nope=1"], "unknown key train.nope"),
     ("train", "", ["--set", "data.samples=0"], "data.samples must be >= 1"),
     ("train", "", ["--set", "train.lr.x=1"], "train.lr must be float"),

@@ -188,6 +188,17 @@ def test_ray_train_worker_groups(data_dir, tmp_path, workers):
     assert list((tmp_path / "run" / "ray" / "train").glob("checkpoint_*/state.pt"))
 
 
+def test_a_test_split_of_one_sample_has_no_r2_and_the_command_says_so(data_dir, tmp_path):
+    # 120 samples split 118/1/1: no target varies over one test sample
+    result = run_cli("raypd.train", "--config", "tune_configs/smoke.yaml", "--data", str(data_dir),
+                     "--out", str(tmp_path / "run"), "--set", "train.split=[0.98,0.01,0.01]",
+                     "--set", "train.epochs=1", "--set", "model.filters=[4]", "--set", "model.kernel_sizes=[3]",
+                     timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "r2 n/a" in result.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["r2"] is None
+
+
 def test_missing_config_file_and_set_values_parse_as_yaml(tmp_path):
     result = run_cli("raypd.train", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "config file" in result.stderr and "does not exist" in result.stderr
