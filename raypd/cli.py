@@ -24,10 +24,33 @@ def run_main(prog: str, body: Callable[[], int | None]) -> None:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+        # an output path that check_writable could not see through (a read-only mount, an
+        # immutable folder, root's permissions)
+        print(f"{prog}: error: cannot write {exc.filename}: {exc.strerror}; choose another output path",
+              file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def check_writable(path, flag: str, beside: bool = False) -> None:
+    """The folder `path` (or, beside=True, the folder that holds `path`: a file, or a folder
+    staged next to it) can be created if missing and written into: its nearest existing
+    ancestor is a folder this process may write to. Checked before any work, so that a bad
+    output path changes nothing."""
+    from pathlib import Path
+
+    path = Path(path).absolute()
+    existing = path.parent if beside else path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable; choose another path")
 
 
 def init_ray(address: str | None = None) -> None:

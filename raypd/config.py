@@ -297,7 +297,8 @@ def apply_sets(values: dict, assignments: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML ({exc.problem})") from None
+            reason = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]  # a ReaderError has none
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({reason})") from None
         if isinstance(value, str):
             try:  # YAML 1.1 reads 1e-3 as a string
                 value = float(value)
@@ -339,6 +340,8 @@ def load_config(path: str | None = None, sets: list[str] | tuple = ()) -> Config
             raise ValueError(f"config file {path} is a folder, not a YAML file") from None
         except yaml.YAMLError as exc:
             raise ValueError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path} is not UTF-8 text (a YAML file is expected)") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must be a mapping of sections (data, model, train)")
     values = apply_sets(values, list(sets))

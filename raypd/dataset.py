@@ -49,6 +49,8 @@ def load_dataset(folder: str | Path) -> Dataset:
     import pyarrow.parquet as pq
 
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"dataset {folder} is a file; a dataset is a folder (the one that holds {MANIFEST})")
     if not folder.is_dir():
         raise ValueError(f"dataset {folder} does not exist (generate it with raypd.generate)")
     manifest = read_manifest(folder)
@@ -280,6 +282,20 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:
                        for name, m, a, r in zip(names, per_mse, per_mae, per_r2)},
         "n_test": int(y_true.shape[0]),
     }
+
+
+def read_json(path: Path, hint: str = "") -> dict:
+    """A JSON object from `path`; missing, unreadable or not an object is a ValueError naming
+    the file (hint: what to do about it)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist{hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}){hint}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object (got {type(value).__name__}){hint}")
+    return value
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -11,15 +11,14 @@ row-major (channel, time); NaN where the predicted system diverges).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from raypd import ode
-from raypd.cli import ArgumentParser, run_main
+from raypd.cli import ArgumentParser, check_writable, run_main
 from raypd.config import Config, from_dict
-from raypd.dataset import load_dataset
+from raypd.dataset import load_dataset, read_json
 from raypd.serve import SavedModel
 
 
@@ -31,15 +30,20 @@ def load_best(study: str, root: str | Path) -> tuple[Config, dict, Path]:
     if not (study_dir / SUMMARY_FILE).exists():
         raise ValueError(f"{study_dir / SUMMARY_FILE} does not exist: run `python -m raypd.tune --study {study}` "
                          "first (or pass its --root)")
-    summary = json.loads((study_dir / SUMMARY_FILE).read_text())
-    if not summary.get("best_checkpoint"):
+    damaged = " (the study folder is damaged: re-run the study under another --root)"
+    summary = read_json(study_dir / SUMMARY_FILE, damaged)
+    if not summary.get("best_trial_id"):
         raise ValueError(f"study {study} in {study_dir} has no successful trial to predict with")
-    config = resolve(from_dict(Config, json.loads((study_dir / STUDY_FILE).read_text())), summary["best_config"])
-    return config, summary, Path(summary["best_checkpoint"])
+    config = resolve(from_dict(Config, read_json(study_dir / STUDY_FILE, damaged)), summary["best_config"])
+    # from the study folder, not the absolute path in the summary: ROOT may have moved
+    return config, summary, study_dir / "trials" / summary["best_trial_id"] / "checkpoints" / "best"
 
 
 def read_csv_series(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(times (T,), series (1, 2n, T)) from a CSV: time, u_1..u_n, a_1..a_n."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: an empty file; a CSV needs a header time,{','.join(ode.channel_names(n))} "
+                         "and one row per time point")
     try:
         table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
     except (OSError, ValueError) as exc:
@@ -118,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     def body() -> int:
+        if Path(args.out).suffix != ".parquet":
+            raise ValueError(f"--out {args.out} must name a .parquet file (predictions are written as Parquet)")
+        check_writable(args.out, "--out", beside=True)
         result = predict(args.study, args.root, args.input, args.out)
         print(f"{result['out']}: {result['series']} series predicted, {result['diverged']} re-simulations diverged")
         return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raypd.cli import ArgumentParser, run_main
+from raypd.cli import ArgumentParser, check_writable, run_main
 from raypd.dataset import write_json
 
 
@@ -151,6 +151,7 @@ def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4) -
     root = Path(root)
     config, summary, checkpoint = load_best(study, root)
     study_dir = root / "tune" / study
+    check_writable(study_dir, "--root")
     model = SavedModel.load(checkpoint)
     test_ids, y_true, series = read_test_split(study_dir / TEST_SPLIT_FILE, model.series_shape)
     y_pred = model.predict(series)
@@ -159,7 +160,6 @@ def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4) -
     ok = ~np.isnan(resim).any(axis=(1, 2))
     summary["resimulation_mse"] = float(np.mean((resim[ok] - series[ok]) ** 2)) if ok.any() else None
     summary["resimulation_diverged"] = int((~ok).sum())
-    write_json(study_dir / SUMMARY_FILE, summary)
 
     pictures = {
         "curves.png": "Validation loss of every trial",
@@ -203,6 +203,7 @@ test MSE {metrics['mse']:.4f} (raw units), R² {number(metrics['r2'], '.3f') or 
 {images}
 <h2>Trials</h2><table><tr><th>trial</th><th>status</th><th>epochs</th><th>best val_loss</th><th>config</th></tr>{rows}</table>
 </body></html>"""
+    write_json(study_dir / SUMMARY_FILE, summary)  # last: a report that fails leaves the summary as it was
     report = study_dir / "report.html"
     report.write_text(page)
     log_to_mlflow(root, study, summary, [study_dir / name for name in pictures] + [report])

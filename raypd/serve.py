@@ -52,6 +52,24 @@ def model_meta(config, data: Prepared) -> dict:
     }
 
 
+def read_checkpoint(file: Path) -> dict:
+    """A checkpoint file's contents (plain data only: weights_only); a missing or damaged file
+    is a ValueError naming it."""
+    import pickle
+
+    import torch
+
+    if not file.is_file():
+        raise ValueError(f"{file}: no such checkpoint")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{file}: not a readable checkpoint ({str(exc).strip().splitlines()[0][:120]})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{file}: not a raypd checkpoint")
+    return payload
+
+
 class SavedModel:
     """A checkpoint's model with its normalisation: raw series in, raw-unit targets out."""
 
@@ -69,13 +87,9 @@ class SavedModel:
     def load(cls, path: str | Path) -> "SavedModel":
         """From a checkpoint folder (holding state.pt) or a checkpoint / model file. A
         checkpoint without saved normalisation (written before raypd 0.2) is a ValueError."""
-        import torch
-
         path = Path(path)
         file = path / CHECKPOINT_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise ValueError(f"{file}: no such checkpoint")
-        payload = torch.load(file, map_location="cpu", weights_only=True)
+        payload = read_checkpoint(file)
         meta = payload.get("meta") if isinstance(payload, dict) else None
         if not meta or meta.get("format") != META_FORMAT:
             raise ValueError(f"{file}: checkpoint without its saved normalisation (an older raypd wrote it): "

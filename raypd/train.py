@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
+from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
 from raypd.config import Config, TrainConfig, from_dict, load_config, to_dict
 from raypd.dataset import Prepared, load_dataset, metrics, prepare, write_json
 from raypd.serve import CHECKPOINT_FILE, model_meta
@@ -290,11 +290,31 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     ).fit()
 
 
+def check_resumable(workdir: Path, meta: dict) -> None:
+    """A run continues from workdir's last checkpoint only if that checkpoint is of the same
+    model on the same prepared data (its saved meta); other settings (epochs, patience) may
+    differ."""
+    from raypd.serve import read_checkpoint
+
+    last = workdir / "checkpoints" / "last" / CHECKPOINT_FILE
+    if not last.exists():
+        return
+    saved = read_checkpoint(last).get("meta") or {}
+    differs = [key for key in meta if saved.get(key) != meta[key]]
+    if differs:
+        raise ValueError(f"--out {workdir} holds a run of another model or dataset (differs in: "
+                         f"{', '.join(differs)}); choose another --out, or remove it to start afresh")
+
+
 def read_state(checkpoint: Path) -> dict:
     """The training state saved with a checkpoint: epoch, best_val, bad_epochs, history."""
-    import torch
+    from raypd.serve import read_checkpoint
 
-    return torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["state"]
+    file = checkpoint / CHECKPOINT_FILE
+    state = read_checkpoint(file).get("state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: a checkpoint without its training state")
+    return state
 
 
 def predict_inputs(checkpoint: Path, inputs: np.ndarray) -> np.ndarray:
@@ -332,6 +352,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     dataset = load_dataset(data_dir)
     check_fits(config, dataset.series.shape[2])
     data = prepare(dataset, config.train)
+    check_resumable(workdir, model_meta(config, data))
     init_ray(address)
     check_shared(workdir.parent)
     import ray
@@ -379,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out) if args.out else Path(args.root) / "train" / Path(args.config).stem
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; it must be a folder")
+        check_writable(out, "--out")
+        if args.data is None:  # the dataset is generated under ROOT/data when missing
+            check_writable(Path(args.root), "--root")
         result = train_and_evaluate(config, out, args.data, args.root, args.address)
         names = ", ".join(f"{k} {v['mse']:.3g}" for k, v in result["per_target"].items())
         print(f"{out}: test mse {result['mse']:.4f} (raw units; per target: {names}), "

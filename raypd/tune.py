@@ -23,10 +23,10 @@ from typing import NamedTuple
 import numpy as np
 
 from raypd import __version__
-from raypd.cli import ArgumentParser, check_shared, init_ray, run_main
+from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
-from raypd.dataset import load_dataset, metrics, prepare, write_json
+from raypd.dataset import load_dataset, metrics, prepare, read_json, write_json
 from raypd.serve import TEST_SPLIT_FILE, write_test_split
 
 STUDIES = Path(__file__).resolve().parents[1] / "tune_configs"
@@ -247,11 +247,12 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     check_fits(config, config.data.time_points)
     check_space(config)
     if (study_dir / STUDY_FILE).exists():
-        if json.loads((study_dir / STUDY_FILE).read_text()) != resolved:
+        damaged = " (the study folder is damaged: use another --root, or remove that folder)"
+        if read_json(study_dir / STUDY_FILE, damaged) != resolved:
             raise ValueError(f"{study_dir} holds study {name!r} run with other settings; "
                              "use another --root (or remove that folder) to start afresh")
         if (study_dir / SUMMARY_FILE).exists():
-            summary = json.loads((study_dir / SUMMARY_FILE).read_text())
+            summary = read_json(study_dir / SUMMARY_FILE, damaged)
             # a finished study: (re-)register its best model; a no-op when already registered
             register_best(name, summary, tracking_uri or f"sqlite:///{root / 'mlflow.db'}", study_dir, quiet=True)
             return summary
@@ -327,6 +328,18 @@ def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, 
     if out and out["new"]:
         print(f"raypd.tune: registered {out['model_uri']} in {time.perf_counter() - started:.1f} s "
               f"(MLflow {tracking_uri})", file=sys.stderr)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """MLflow takes this URI (a known scheme); checked before anything is written. Not for
+    sqlite URIs: opening one creates the database."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri)
+    except MlflowException as exc:
+        raise ValueError(f"--tracking-uri {uri}: {exc.message.strip().splitlines()[0]}") from None
 
 
 def finish_mlflow(tracking_uri: str, name: str, summary: dict) -> None:
@@ -451,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
             return 0
         if Path(args.root).exists() and not Path(args.root).is_dir():
             raise ValueError(f"--root {args.root} is a file; it must be a folder")
+        check_writable(Path(args.root), "--root")
+        if args.tracking_uri and not args.tracking_uri.startswith("sqlite:"):
+            check_tracking_uri(args.tracking_uri)
         print_summary(run_study(config, name, args.root, args.tracking_uri, args.address))
         return 0
 

@@ -61,6 +61,8 @@ CASES = [
     ("train", "", ["--set", "train.lr.x=1"], "train.lr must be float"),
     ("train", "[1, 2]\n", [], "must be a mapping of sections"),
     ("train", "model: [\n", [], "is not valid YAML"),
+    ("train", "", ["--set", "train.lr=\x01"], "the value is not valid YAML"),
+    ("train", None, ["--config", "{binary}"], "is not UTF-8 text (a YAML file is expected)"),
     ("train", DEEP, [], "64 time points are too few (need >= 128)"),
     ("train", None, ["--config", "{missing}"], "does not exist"),
     ("train", "", ["--data", "{bad:no manifest}"], f"no {MANIFEST}"),
@@ -74,6 +76,8 @@ CASES = [
     ("train", "", ["--data", "{bad:entry without rows}"], "files must be a list of {{path: file name, rows: count}}"),
     ("train", "", ["--data", "{bad:series as strings}"], "column series is list<element: string>; it must hold"),
     ("train", "", ["--data", "{missing}"], "does not exist (generate it with raypd.generate)"),
+    ("train", "", ["--data", "{file}"], "is a file; a dataset is a folder"),
+    ("train", "", ["--out", "{file}/out"], "is a file, not a folder"),
     ("train", "", ["--out", "{file}"], "is a file; it must be a folder"),
     # raypd.tune: study files, --set, flags
     ("tune", "search: {space: {train.lr: {loguniform: [0, 1]}}}\n", [], "search.space.train.lr: loguniform needs 0 < lo"),
@@ -96,7 +100,10 @@ CASES = [
     ("tune", "train: {epochs: three}\n", [], "train.epochs must be int"),
     ("tune", "", ["--set", "search.space=5"], "search.space must be a mapping"),
     ("tune", "", ["--searcher", "grid"], "argument --searcher: invalid choice"),
+    ("tune", "", ["--tracking-uri", "bogus://nowhere"], "--tracking-uri bogus://nowhere: Model registry functionality is unavailable"),
     ("tune", "", ["--root", "{file}"], "--root {file} is a file"),
+    ("tune", "", ["--root", "{file}/sub"], "{file} is a file, not a folder"),
+    ("generate", None, ["--out", "{file}/ds"], "{file} is a file, not a folder"),
     ("tune", None, ["--study", "nope"], "no study 'nope': tune_configs/ holds"),
     ("tune", None, [], "one of the arguments --study --config is required"),
 ]
@@ -117,11 +124,13 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(dataset, tmp_path, 
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / MANIFEST).write_text(json.dumps({"settings": to_dict(DataConfig(samples=5))}))
+    (tmp_path / "binary.yaml").write_bytes(b"\x80\x81 not text")
     (tmp_path / "listed").mkdir()
     (tmp_path / "listed" / MANIFEST).write_text("[]")
     (tmp_path / "root").mkdir()
     places = {"file": tmp_path / "file", "foreign": tmp_path / "foreign", "other": tmp_path / "other",
-              "missing": tmp_path / "missing", "listed": tmp_path / "listed"}
+              "missing": tmp_path / "missing", "listed": tmp_path / "listed",
+              "binary": tmp_path / "binary.yaml"}
 
     def fill(arg: str) -> str:
         if arg.startswith("{bad:"):

@@ -94,6 +94,7 @@ def test_predict_round_trips_the_study_test_metrics(study, tmp_path):
     ("time,u_1,a_1\n0,1,0\n", "1 time points: need at least 2"),
     ("time,u_1,a_1\n0,1,0\n1,nan,0\n2,1,0\n", "holds empty, NaN or infinite values"),
     ("time,u_1,a_1\n0,1,0\n0,1,0\n", "the time column must increase"),
+    ("", "an empty file; a CSV needs a header time,u_1,a_1"),
 ])
 def test_bad_prediction_input_exits_2(study, tmp_path, csv_text, message):
     root, _ = study
@@ -104,6 +105,53 @@ def test_bad_prediction_input_exits_2(study, tmp_path, csv_text, message):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_report_and_predict_read_the_study_folder_where_it_now_is(study, tmp_path):
+    import shutil
+
+    root, config = study
+    shutil.copytree(root / "tune" / "smoke", tmp_path / "tune" / "smoke")
+    summary_file = tmp_path / "tune" / "smoke" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["best_checkpoint"] = "/nowhere/checkpoints/best"  # as after moving ROOT
+    summary_file.write_text(json.dumps(summary))
+    assert make_report("smoke", tmp_path).exists()
+    result = run_cli("raypd.predict", "--study", "smoke", "--root", str(tmp_path), "--input",
+                     str(dataset_dir(config, root)), "--out", str(tmp_path / "p.parquet"), timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("summary a list", "summary.json must hold a JSON object (got list)"),
+    ("no study.json", "study.json does not exist"),
+    ("best checkpoint cut short", "not a readable checkpoint"),
+    ("--out not parquet", "must name a .parquet file"),
+])
+def test_a_damaged_study_folder_exits_2_and_changes_nothing(study, tmp_path, damage, message):
+    import shutil
+
+    root, config = study
+    study_dir = tmp_path / "tune" / "smoke"
+    shutil.copytree(root / "tune" / "smoke", study_dir)
+    summary = json.loads((study_dir / "summary.json").read_text())
+    if damage == "summary a list":
+        (study_dir / "summary.json").write_text("[]")
+    elif damage == "no study.json":
+        (study_dir / "study.json").unlink()
+    elif damage == "best checkpoint cut short":
+        state = study_dir / "trials" / summary["best_trial_id"] / "checkpoints" / "best" / "state.pt"
+        state.write_bytes(state.read_bytes()[:200])
+    before = snapshot(tmp_path)
+    out = tmp_path / ("p.csv" if damage == "--out not parquet" else "p.parquet")
+    for args in (["raypd.report"], ["raypd.predict", "--input", str(dataset_dir(config, root)), "--out", str(out)]):
+        if damage == "--out not parquet" and args[0] == "raypd.report":
+            continue
+        result = run_cli(*args, "--study", "smoke", "--root", str(tmp_path), timeout=120)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert snapshot(tmp_path) == before
 
 

@@ -64,6 +64,15 @@ def test_an_interrupted_run_continues_from_its_last_epoch(data_dir, tmp_path):
     assert read_state(tmp_path / "run" / "checkpoints" / "last")["epoch"] == 4
 
 
+def test_a_run_of_another_model_is_not_continued(data_dir, tmp_path):
+    train_and_evaluate(tiny(epochs=1), tmp_path / "run", data_dir)
+    other = tiny(epochs=2)
+    other = Config(data=other.data, model=ModelConfig(filters=[8], kernel_sizes=[3], hidden=[16]), train=other.train)
+    with pytest.raises(ValueError, match="holds a run of another model or dataset .differs in: model_config"):
+        train_and_evaluate(other, tmp_path / "run", data_dir)
+    assert read_state(tmp_path / "run" / "checkpoints" / "last")["epoch"] == 1
+
+
 def test_a_checkpoint_of_a_cuda_graph_run_continues_on_a_cpu(data_dir, tmp_path):
     # A train.cuda_graph run saves Adam(capturable=True); a capturable Adam refuses CPU tensors.
     first = train_and_evaluate(tiny(epochs=2, patience=50), tmp_path / "run", data_dir)
