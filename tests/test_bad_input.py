@@ -28,6 +28,7 @@ CASES = [
     ("generate", None, ["--mu-range", "1", "0"], "mu_range must have LOW <= HIGH"),
     ("generate", None, ["--mu-range", "0"], "argument --mu-range: expected 2 arguments"),
     ("generate", None, ["--g-range", "0", "nan"], "g_range must be two finite numbers"),
+    ("generate", None, ["--v0-range", "-1e3", "-inf"], "v0_range must be two finite numbers LOW HIGH (got -1000.0 -inf)"),
     ("generate", None, ["--pi-diag-range", "-1", "1"], "pi_diag_range must be > 0"),
     ("generate", None, ["--time-points", "1"], "time_points must be >= 2"),
     ("generate", None, ["--time-span", "5", "5"], "time_span must be T0 < T1"),
