@@ -55,15 +55,13 @@ def model_meta(config, data: Prepared) -> dict:
 def read_checkpoint(file: Path) -> dict:
     """A checkpoint file's contents (plain data only: weights_only); a missing or damaged file
     is a ValueError naming it."""
-    import pickle
-
     import torch
 
     if not file.is_file():
         raise ValueError(f"{file}: no such checkpoint")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+    except Exception as exc:  # a damaged file: RuntimeError, EOFError or UnpicklingError, by where it breaks
         raise ValueError(f"{file}: not a readable checkpoint ({str(exc).strip().splitlines()[0][:120]})") from None
     if not isinstance(payload, dict):
         raise ValueError(f"{file}: not a raypd checkpoint")
