@@ -203,12 +203,13 @@ def test_a_checkpoint_without_saved_normalisation_exits_2(study, tmp_path):
     root, config, summary = study
     old_root = tmp_path / "old"
     study_dir = old_root / "tune" / "smoke"
-    (study_dir / "best").mkdir(parents=True)
+    best = study_dir / "trials" / summary["best_trial_id"] / "checkpoints" / "best"
+    best.mkdir(parents=True)
     payload = torch.load(Path(summary["best_checkpoint"]) / "state.pt", weights_only=True)
     del payload["meta"]
-    torch.save(payload, study_dir / "best" / "state.pt")
+    torch.save(payload, best / "state.pt")
     shutil.copy(root / "tune" / "smoke" / "study.json", study_dir / "study.json")
-    (study_dir / "summary.json").write_text(json.dumps({**summary, "best_checkpoint": str(study_dir / "best")}))
+    (study_dir / "summary.json").write_text(json.dumps({**summary, "best_checkpoint": str(best)}))
     np.savetxt(tmp_path / "one.csv", np.column_stack([np.arange(101.0), np.ones((101, 2))]), delimiter=",",
                header="time,u_1,a_1", comments="")
     before = snapshot(tmp_path)
