@@ -2,10 +2,13 @@
 over the same tensors, in one run on this machine.
 
     python benchmarks/bench_train.py [--samples 10000] [--short 3] [--long 13] [--workers 0 1 2]
+                                     [--repeat 1]
 
 For each worker count, the whole command runs twice, for --short and --long epochs; its wall
 time per epoch is the difference divided by the extra epochs, so Ray's and Ray Train's
-start-up cancel out and everything an epoch costs (reports, checkpoints) stays in. Beside it:
+start-up cancel out and everything an epoch costs (reports, checkpoints) stays in. Start-up
+varies by a few seconds from run to run on a loaded machine, so a large --long (33) and
+--repeat 3 (the median of three pairs, with the range) give steadier figures. Beside it:
 the inner-loop figure (the epochs' own `epoch_seconds`, which leaves the per-epoch reporting
 out) and a plain loop with as many torch threads as the run uses (1 per Ray Train worker; the
 machine's default in local mode, num_workers 0).
@@ -79,6 +82,7 @@ def main() -> None:
     ap.add_argument("--short", type=int, default=3)
     ap.add_argument("--long", type=int, default=13)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=1, help="pairs of runs per worker count (median reported)")
     args = ap.parse_args()
     sets = [f"data.samples={args.samples}", "train.batch_size=64", "train.patience=1000"]
     config = load_config(BASE, sets)
@@ -88,26 +92,32 @@ def main() -> None:
                   "--mu-range", "0", "0", "--out", str(data_dir), "--no-progress")
         data = prepare(load_dataset(data_dir), config.train)
         rows = []
-        for workers in args.workers:
-            walls, inner = {}, []
-            for epochs in (args.short, args.long):
-                out = Path(tmp) / f"run-{workers}-{epochs}"
-                walls[epochs] = timed_cli("raypd.train", "--config", BASE, "--data", str(data_dir), "--out", str(out),
-                                          *[f"--set={s}" for s in sets], f"--set=train.num_workers={workers}",
-                                          f"--set=train.epochs={epochs}")
-                inner = [h["epoch_seconds"] for h in json.loads((out / "metrics.json").read_text())["history"]]
-            wall_epoch = (walls[args.long] - walls[args.short]) / (args.long - args.short)
+        for index, workers in enumerate(args.workers):
+            per_epoch, inner = [], []
+            for repeat in range(args.repeat):
+                walls = {}
+                for epochs in (args.short, args.long):
+                    out = Path(tmp) / f"run-{index}-{repeat}-{epochs}"  # a fresh folder: no resuming
+                    walls[epochs] = timed_cli("raypd.train", "--config", BASE, "--data", str(data_dir), "--out",
+                                              str(out), *[f"--set={s}" for s in sets],
+                                              f"--set=train.num_workers={workers}", f"--set=train.epochs={epochs}")
+                    history = json.loads((out / "metrics.json").read_text())["history"]
+                    assert len(history) == epochs, "the run stopped early: raise train.patience"
+                per_epoch.append((walls[args.long] - walls[args.short]) / (args.long - args.short))
+                inner += [h["epoch_seconds"] for h in history[1:]]
             threads = workers or torch.get_num_threads()
             plain = plain_epochs(config, data, args.long, threads)
             plain_epoch = float(np.mean(plain[1:]))  # the first warms up allocators and kernels
-            rows.append((workers, threads, walls, wall_epoch, float(np.median(inner[1:])), plain_epoch))
+            rows.append((workers, threads, per_epoch, float(np.median(inner)), plain_epoch))
     print(f"{args.samples} n=1 samples, batch 64, base model; wall per epoch = "
-          f"(wall of {args.long} epochs - wall of {args.short}) / {args.long - args.short}")
-    for workers, threads, walls, wall_epoch, inner_epoch, plain_epoch in rows:
+          f"(wall of {args.long} epochs - wall of {args.short}) / {args.long - args.short}, "
+          f"median of {args.repeat} pair(s)")
+    for workers, threads, per_epoch, inner_epoch, plain_epoch in rows:
         name = f"{workers} worker(s)" if workers else "local mode"
-        print(f"raypd.train, {name}: wall {walls[args.short]:.1f} s / {walls[args.long]:.1f} s -> "
-              f"{wall_epoch:.3f} s per epoch; inner loop {inner_epoch:.3f} s; plain loop ({threads} thread(s)) "
-              f"{plain_epoch:.3f} s; ratio wall/plain {wall_epoch / plain_epoch:.2f}x, "
+        wall_epoch = float(np.median(per_epoch))
+        spread = f" (pairs: {', '.join(f'{v:.3f}' for v in per_epoch)})" if len(per_epoch) > 1 else ""
+        print(f"raypd.train, {name}: {wall_epoch:.3f} s per epoch{spread}; inner loop {inner_epoch:.3f} s; "
+              f"plain loop ({threads} thread(s)) {plain_epoch:.3f} s; ratio wall/plain {wall_epoch / plain_epoch:.2f}x, "
               f"inner/plain {inner_epoch / plain_epoch:.2f}x")
 
 
