@@ -35,13 +35,21 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     path = manifest_path(folder)
     if path is None:
         raise ValueError(f"{Path(folder) / MANIFEST}: no {MANIFEST}: not a raypd dataset (run raypd.generate)")
+    return read_json(path)
+
+
+def read_json(path: Path, hint: str = "") -> dict:
+    """A JSON object from `path`; missing, unreadable or not an object is a ValueError naming
+    the file (hint: what to do about it)."""
     try:
-        manifest = json.loads(path.read_text())
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist{hint}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: {path.name} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: {path.name} must hold a JSON object (got {type(manifest).__name__})")
-    return manifest
+        raise ValueError(f"{path} is not valid JSON ({exc}){hint}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object (got {type(value).__name__}){hint}")
+    return value
 
 
 def row_digests(columns: dict[str, np.ndarray]) -> bytes:

@@ -284,20 +284,6 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:
     }
 
 
-def read_json(path: Path, hint: str = "") -> dict:
-    """A JSON object from `path`; missing, unreadable or not an object is a ValueError naming
-    the file (hint: what to do about it)."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist{hint}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}){hint}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object (got {type(value).__name__}){hint}")
-    return value
-
-
 def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=1))

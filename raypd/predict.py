@@ -18,7 +18,8 @@ import numpy as np
 from raypd import ode
 from raypd.cli import ArgumentParser, check_writable, run_main
 from raypd.config import Config, from_dict
-from raypd.dataset import load_dataset, read_json
+from raypd.dataio import read_json
+from raypd.dataset import load_dataset
 from raypd.serve import SavedModel
 
 

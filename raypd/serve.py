@@ -88,7 +88,7 @@ class SavedModel:
         path = Path(path)
         file = path / CHECKPOINT_FILE if path.is_dir() else path
         payload = read_checkpoint(file)
-        meta = payload.get("meta") if isinstance(payload, dict) else None
+        meta = payload.get("meta")
         if not meta or meta.get("format") != META_FORMAT:
             raise ValueError(f"{file}: checkpoint without its saved normalisation (an older raypd wrote it): "
                              "re-run the study with this raypd (use another --root) to predict with it")

@@ -26,7 +26,8 @@ from raypd import __version__
 from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
-from raypd.dataset import load_dataset, metrics, prepare, read_json, write_json
+from raypd.dataio import read_json
+from raypd.dataset import load_dataset, metrics, prepare, write_json
 from raypd.serve import TEST_SPLIT_FILE, write_test_split
 
 STUDIES = Path(__file__).resolve().parents[1] / "tune_configs"
@@ -442,7 +443,7 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m raypd.tune", description="Run a hyperparameter study on Ray Tune.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--study", help=f"a study in tune_configs/ ({', '.join(sorted(p.stem for p in STUDIES.glob('*.yaml')))})")
+    which.add_argument("--study", help=f"a study in tune_configs/ ({', '.join(sorted(f.stem for f in STUDIES.glob('*.yaml')))})")
     which.add_argument("--config", help="a study file elsewhere")
     p.add_argument("--searcher", choices=["optuna", "hyperopt"], help="overrides search.searcher")
     p.add_argument("--root", default="runs", help="datasets, studies and mlflow.db go here (default %(default)s)")
