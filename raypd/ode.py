@@ -481,6 +481,173 @@ def solve(
     return series, ok
 
 
+# --------------------------------------------------------------------------- sensitivities
+#
+# Refinement (raypd.refine) fits the ODE to an observed series by least squares and needs the
+# Jacobian of the observations with respect to every target (parameters then initial
+# conditions). It comes from the forward sensitivity equations, integrated with the state:
+# S = dx/dtheta (2n x q, q = targets) obeys S' = (df/dx) S + df/dtheta, S(0) = [0 | I]. The
+# right-hand side is continuous (max() has kinks, not jumps), so S is continuous and needs no
+# jump conditions at switches; df/dx is taken on the side the state is on. One integration
+# gives the series and its exact Jacobian (up to the solver's tolerance), where finite
+# differences would need q + 1 solves, each with its own step sequence, whose differences
+# are noise at small perturbations. A separate integrator from _solve_one (the same
+# Dormand-Prince tableau): the state there has a compile-time length and unrolls, which
+# generation's speed depends on.
+
+
+@njit(cache=True)
+def _rhs_sens(p, n, q, z, K, stage):
+    """K[stage] = z' for z = [x (2n), S (2n x q, row-major)]."""
+    d = 2 * n
+    pi0, gamma0 = 2 * n, 2 * n + n * n
+    for i in range(n):
+        dv = p[i]
+        dm = max(z[i], p[n + i])
+        for j in range(n):
+            a_j = max(z[n + j], 0.0)
+            dv -= p[pi0 + i * n + j] * a_j
+            dm -= p[gamma0 + i * n + j] * a_j
+        K[stage, i] = dv
+        K[stage, n + i] = dm
+    for i in range(n):
+        row_v, row_m = d + i * q, d + (n + i) * q
+        desire_binds = z[i] > p[n + i]  # u_i = v_i; else u_i = mu_i
+        for c in range(q):
+            sv = 0.0
+            sm = z[row_v + c] if desire_binds else 0.0
+            for j in range(n):
+                if z[n + j] > 0.0:  # a_j = m_j
+                    s_mj = z[d + (n + j) * q + c]
+                    sv -= p[pi0 + i * n + j] * s_mj
+                    sm -= p[gamma0 + i * n + j] * s_mj
+            K[stage, row_v + c] = sv
+            K[stage, row_m + c] = sm
+        K[stage, row_v + i] += 1.0  # d/d g_i
+        if not desire_binds:
+            K[stage, row_m + n + i] += 1.0  # d/d mu_i
+        for j in range(n):
+            a_j = max(z[n + j], 0.0)
+            K[stage, row_v + pi0 + i * n + j] -= a_j
+            K[stage, row_m + gamma0 + i * n + j] -= a_j
+
+
+@njit(cache=True)
+def _observe_sens(p, n, q, z, series, jac, k):
+    d = 2 * n
+    for i in range(n):
+        series[i, k] = max(z[i], p[n + i])
+        series[n + i, k] = max(z[n + i], 0.0)
+        desire_binds, effort_on = z[i] > p[n + i], z[n + i] > 0.0
+        for c in range(q):
+            jac[i, k, c] = z[d + i * q + c] if desire_binds else 0.0
+            jac[n + i, k, c] = z[d + (n + i) * q + c] if effort_on else 0.0
+        if not desire_binds:
+            jac[i, k, n + i] = 1.0
+
+
+@njit(cache=True)
+def _solve_sens_one(p, x0, n, times, rtol, atol, max_steps, series, jac):
+    """_solve_one's integrator on [x, S]: series (2n, T) and jac (2n, T, q) of one sample.
+    The step is controlled by the error of x only (the sensitivities follow its steps)."""
+    d = 2 * n
+    q = p.shape[0] + d
+    size = d * (1 + q)
+    K, z, y = np.empty((7, size)), np.zeros(size), np.empty(size)
+    for i in range(d):
+        z[i] = x0[i]
+        z[d + i * q + p.shape[0] + i] = 1.0  # dx(0)/dx0 = I
+    n_times = times.shape[0]
+    _observe_sens(p, n, q, z, series, jac, 0)
+    _rhs_sens(p, n, q, z, K, 0)
+    t = times[0]
+    h = min(0.05, times[1] - times[0])
+    h_min = 1e-12 * max(1.0, abs(times[n_times - 1]))
+    k, steps = 1, 0
+    while k < n_times:
+        remaining = times[k] - t
+        hit = h >= remaining
+        hs = remaining if hit else h
+        for i in range(size):
+            y[i] = z[i] + hs * (_A21 * K[0, i])
+        _rhs_sens(p, n, q, y, K, 1)
+        for i in range(size):
+            y[i] = z[i] + hs * (_A31 * K[0, i] + _A32 * K[1, i])
+        _rhs_sens(p, n, q, y, K, 2)
+        for i in range(size):
+            y[i] = z[i] + hs * (_A41 * K[0, i] + _A42 * K[1, i] + _A43 * K[2, i])
+        _rhs_sens(p, n, q, y, K, 3)
+        for i in range(size):
+            y[i] = z[i] + hs * (_A51 * K[0, i] + _A52 * K[1, i] + _A53 * K[2, i] + _A54 * K[3, i])
+        _rhs_sens(p, n, q, y, K, 4)
+        for i in range(size):
+            y[i] = z[i] + hs * (_A61 * K[0, i] + _A62 * K[1, i] + _A63 * K[2, i] + _A64 * K[3, i]
+                                + _A65 * K[4, i])
+        _rhs_sens(p, n, q, y, K, 5)
+        for i in range(size):
+            y[i] = z[i] + hs * (_B1 * K[0, i] + _B3 * K[2, i] + _B4 * K[3, i] + _B5 * K[4, i]
+                                + _B6 * K[5, i])
+        _rhs_sens(p, n, q, y, K, 6)
+        err_sq = 0.0
+        for i in range(d):
+            e = hs * (_E1 * K[0, i] + _E3 * K[2, i] + _E4 * K[3, i] + _E5 * K[4, i] + _E6 * K[5, i]
+                      + _E7 * K[6, i])
+            e /= atol + rtol * max(abs(z[i]), abs(y[i]))
+            err_sq += e * e
+        err_sq /= d
+        accept = err_sq <= 1.0
+        factor = min(10.0, 0.9 * max(err_sq, 1e-20) ** -0.1)
+        if not accept:
+            factor = min(factor, 1.0)
+        factor = max(0.2, factor)
+        h = max(h, hs * factor) if (accept and hit) else hs * factor
+        if accept:
+            for i in range(size):
+                z[i] = y[i]
+                K[0, i] = K[6, i]
+            if hit:
+                t = times[k]
+                _observe_sens(p, n, q, z, series, jac, k)
+                k += 1
+            else:
+                t += hs
+        steps += 1
+        largest = 0.0
+        for i in range(d):
+            largest = max(largest, abs(z[i]))
+        if not (largest <= DIVERGENCE_BOUND) or not (h >= h_min) or steps >= max_steps:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _solve_sens_batch(params, ic, n, times, rtol, atol, max_steps, series, jac, ok):
+    for b in range(params.shape[0]):
+        ok[b] = _solve_sens_one(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], jac[b])
+        if not ok[b]:
+            series[b, :, :] = np.nan
+            jac[b, :, :, :] = np.nan
+
+
+def solve_with_jacobian(params: np.ndarray, ic: np.ndarray, times: np.ndarray, n: int, rtol: float = 1e-8,
+                        atol: float = 1e-10, max_steps: int = 200_000
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """solve(), and the derivative of every observation with respect to every target.
+
+    Returns (series (B, 2n, T), jac (B, 2n, T, q), ok (B,)); q = num_params(n) + num_ic(n),
+    targets in layout order (params then initial conditions); NaN rows where not ok.
+    """
+    params = np.ascontiguousarray(params, dtype=np.float64).reshape(-1, num_params(n))
+    ic = np.ascontiguousarray(ic, dtype=np.float64).reshape(-1, num_ic(n))
+    times = np.ascontiguousarray(times, dtype=np.float64)
+    q = num_params(n) + num_ic(n)
+    series = np.empty((params.shape[0], 2 * n, times.shape[0]))
+    jac = np.empty((params.shape[0], 2 * n, times.shape[0], q))
+    ok = np.empty(params.shape[0], dtype=np.bool_)
+    _entry(n, 3)(params, ic, times, float(rtol), float(atol), int(max_steps), series, jac, ok)
+    return series, jac, ok
+
+
 # --------------------------------------------------------------------------- samples
 
 
@@ -588,6 +755,21 @@ def _solve_batch_3(params, ic, times, rtol, atol, max_steps, series, ok):
 
 
 @njit(cache=True)
+def _solve_sens_batch_1(params, ic, times, rtol, atol, max_steps, series, jac, ok):
+    _solve_sens_batch(params, ic, 1, times, rtol, atol, max_steps, series, jac, ok)
+
+
+@njit(cache=True)
+def _solve_sens_batch_2(params, ic, times, rtol, atol, max_steps, series, jac, ok):
+    _solve_sens_batch(params, ic, 2, times, rtol, atol, max_steps, series, jac, ok)
+
+
+@njit(cache=True)
+def _solve_sens_batch_3(params, ic, times, rtol, atol, max_steps, series, jac, ok):
+    _solve_sens_batch(params, ic, 3, times, rtol, atol, max_steps, series, jac, ok)
+
+
+@njit(cache=True)
 def _draw_samples_1(seed, ids, lo, hi, times, rtol, atol, max_draws, max_steps, index, length,
                     params_out, ic_out, series_out, draws_out):
     return _draw_samples(seed, ids, lo, hi, 1, times, rtol, atol, max_draws, max_steps, index, length,
@@ -608,9 +790,9 @@ def _draw_samples_3(seed, ids, lo, hi, times, rtol, atol, max_draws, max_steps, 
                          params_out, ic_out, series_out, draws_out)
 
 
-_ENTRY = {1: (_stable_batch_1, _solve_batch_1, _draw_samples_1),
-          2: (_stable_batch_2, _solve_batch_2, _draw_samples_2),
-          3: (_stable_batch_3, _solve_batch_3, _draw_samples_3)}
+_ENTRY = {1: (_stable_batch_1, _solve_batch_1, _draw_samples_1, _solve_sens_batch_1),
+          2: (_stable_batch_2, _solve_batch_2, _draw_samples_2, _solve_sens_batch_2),
+          3: (_stable_batch_3, _solve_batch_3, _draw_samples_3, _solve_sens_batch_3)}
 
 
 def _entry(n: int, which: int):

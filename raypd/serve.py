@@ -138,6 +138,26 @@ class SavedModel:
         return targets_to_raw(out.numpy(), self.meta["target_mean"], self.meta["target_std"],
                               self.meta["target_varying"])
 
+    @property
+    def calibration(self) -> dict | None:
+        """The model-only interval calibration (raypd.intervals), if the checkpoint has one."""
+        return self.meta.get("intervals")
+
+    def predict_with_intervals(self, series, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower, upper), each (N, n_targets) raw units: the model's estimates and
+        their split-conformal intervals at `level` (calibrated on the validation split, clean
+        and noisy; a series takes the calibration of the noise level nearest its own)."""
+        from raypd.intervals import check_level, model_intervals
+
+        level = check_level(level)
+        if self.calibration is None:
+            raise ValueError(f"{self.source}: this model has no interval calibration (trained by an older "
+                             "raypd): re-run its study or training with this raypd for intervals")
+        series = self.check(series)
+        estimate = self.predict(series)
+        lower, upper = model_intervals(self.calibration, series, estimate, level)
+        return estimate, lower, upper
+
     def save(self, path: Path) -> None:
         """The weights and meta only (no optimizer state): what the MLflow model carries."""
         import torch
@@ -145,9 +165,29 @@ class SavedModel:
         torch.save({"model": self.net.state_dict(), "meta": self.meta}, path)
 
 
+def add_calibration(checkpoint: Path, series: np.ndarray, targets: np.ndarray, seed: int = 0) -> dict:
+    """Calibrate the model-only intervals of the model in checkpoint folder `checkpoint` on
+    held-out raw series (N, 2n, T) and their raw targets, and save the calibration in the
+    checkpoint's meta ("intervals"; the file is replaced whole). Returns the calibration."""
+    import torch
+
+    from raypd.intervals import calibrate_model
+
+    file = Path(checkpoint) / CHECKPOINT_FILE
+    payload = read_checkpoint(file)
+    model = SavedModel.load(checkpoint)
+    calibration = calibrate_model(model.predict, series, targets, seed=seed)
+    payload["meta"] = {**payload["meta"], "intervals": calibration}
+    tmp = file.with_name(f".{file.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(file)
+    return calibration
+
+
 # --------------------------------------------------------------------------- the study's test split
 
 TEST_SPLIT_FILE = "test_split.parquet"  # in ROOT/tune/NAME: what report needs without ROOT/data
+VAL_SPLIT_FILE = "val_split.parquet"  # in ROOT/tune/NAME: what calibrates the refined intervals
 
 
 def write_test_split(path: Path, sample_ids: np.ndarray, targets: np.ndarray, series: np.ndarray) -> None:

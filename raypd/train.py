@@ -359,15 +359,44 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
 
     fit(config, ray.put(data), workdir)
     best = workdir / "checkpoints" / "best"
+    calibrate_best(best, dataset, data)
     y_pred = predict_inputs(best, data.inputs["test"])
     y_true = data.raw_targets["test"]
     out = metrics(y_true, y_pred, data.target_names)
+    out["intervals"] = interval_coverage(best, dataset, data)
     history = read_state(workdir / "checkpoints" / "last")["history"]
     out.update(epochs=history[-1]["epoch"], best_val_loss=min(h["val_loss"] for h in history),
                history=history, dataset=str(data_dir), content_hash=dataset.manifest["content_hash"],
                checkpoint=str(best))
     write_predictions(workdir / "predictions.parquet", data.sample_ids["test"], y_true, y_pred)
     write_json(workdir / "metrics.json", out)
+    return out
+
+
+def calibrate_best(best: Path, dataset, data) -> None:
+    """The best checkpoint's model-only intervals, calibrated on the validation split (clean
+    and noisy, raypd.intervals) and saved in its meta."""
+    from raypd.serve import add_calibration
+
+    val = np.searchsorted(dataset.sample_id, data.sample_ids["val"])
+    add_calibration(best, dataset.series[val], data.raw_targets["val"], seed=int(data.sample_ids["val"][0]))
+
+
+def interval_coverage(best: Path, dataset, data, level: float | None = None) -> dict:
+    """Coverage of the model-only intervals at `level` (default 0.9) on the test split, clean
+    and with 2% observation noise (not the validation split's noise draws)."""
+    from raypd.intervals import DEFAULT_LEVEL, add_noise, coverage
+    from raypd.serve import SavedModel
+
+    level = DEFAULT_LEVEL if level is None else level
+    model = SavedModel.load(best)
+    test = np.searchsorted(dataset.sample_id, data.sample_ids["test"])
+    out = {"level": level}
+    rng = np.random.default_rng(12345)
+    for name, noise in (("clean", 0.0), ("noise_2pct", 0.02)):
+        series = add_noise(dataset.series[test], noise, rng).astype(np.float32)
+        _, lower, upper = model.predict_with_intervals(series, level)
+        out[name] = coverage(lower, upper, data.raw_targets["test"], data.target_names)
     return out
 
 

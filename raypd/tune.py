@@ -28,7 +28,7 @@ from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
 from raypd.dataio import read_json
 from raypd.dataset import load_dataset, metrics, prepare, write_json
-from raypd.serve import TEST_SPLIT_FILE, write_test_split
+from raypd.serve import TEST_SPLIT_FILE, VAL_SPLIT_FILE, write_test_split
 
 STUDIES = Path(__file__).resolve().parents[1] / "tune_configs"
 STUDY_FILE = "study.json"
@@ -295,11 +295,13 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
                            tune_config=tune_config(config, plan.concurrent, name))
     results = tuner.fit()
-    summary = summarise(config, name, results, prepared, study_dir)
+    summary = summarise(config, name, results, prepared, study_dir, dataset)
     finish_mlflow(tracking_uri, name, summary)
-    test = np.searchsorted(dataset.sample_id, prepared.sample_ids["test"])  # report reads these, not ROOT/data
-    write_test_split(study_dir / TEST_SPLIT_FILE, prepared.sample_ids["test"], prepared.raw_targets["test"],
-                     dataset.series[test])
+    # report and predict --refine read these, not ROOT/data
+    for split, file in (("test", TEST_SPLIT_FILE), ("val", VAL_SPLIT_FILE)):
+        rows = np.searchsorted(dataset.sample_id, prepared.sample_ids[split])
+        write_test_split(study_dir / file, prepared.sample_ids[split], prepared.raw_targets[split],
+                         dataset.series[rows])
     write_json(study_dir / SUMMARY_FILE, summary)
     register_best(name, summary, tracking_uri, study_dir)
     return summary
@@ -386,10 +388,11 @@ def tune_config(config: Config, concurrent: int, study_name: str):
                            trial_dirname_creator=lambda trial: f"{study_name}_{trial.trial_id}")
 
 
-def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> dict:
+def summarise(config: Config, name: str, results, prepared, study_dir: Path, dataset) -> dict:
     """summary.json: the best trial (by its best validation loss), its best checkpoint
-    evaluated on the test split in raw units, and one entry per trial."""
-    from raypd.train import predict_inputs, read_state
+    (its model-only intervals calibrated on the validation split) evaluated on the test split
+    in raw units, with its intervals' coverage, and one entry per trial."""
+    from raypd.train import calibrate_best, interval_coverage, predict_inputs, read_state
 
     trials = []
     for result in results:
@@ -420,8 +423,11 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
                "best_checkpoint": str(Path(best["path"]) / "checkpoints" / "best") if best else None,
                "best_test_metrics": None, "trials": trials}
     if best:
-        y_pred = predict_inputs(Path(summary["best_checkpoint"]), prepared.inputs["test"])
+        checkpoint = Path(summary["best_checkpoint"])
+        calibrate_best(checkpoint, dataset, prepared)
+        y_pred = predict_inputs(checkpoint, prepared.inputs["test"])
         summary["best_test_metrics"] = metrics(prepared.raw_targets["test"], y_pred, prepared.target_names)
+        summary["best_test_metrics"]["intervals"] = interval_coverage(checkpoint, dataset, prepared)
     return summary
 
 

@@ -1,0 +1,108 @@
+"""Intervals that hold their coverage: split-conformal calibration on held-out series.
+
+Model-only: the nonconformity score of a held-out series is |y - y_hat| per target; the
+interval at level L is y_hat +- the ceil((N+1) L)-th smallest of the N scores (split
+conformal: covers a new exchangeable series with probability >= L). Refined (raypd.refine):
+the score is |y - y_fit| / se, se the fit's Gauss-Newton standard error (studentized
+conformal), over the identified series.
+
+Observation noise changes both the model's errors and the fit's: a noise-free series is fitted
+to the solver's precision, a noisy one to its noise. So calibration is Mondrian by noise: the
+held-out series are scored clean and with Gaussian noise of NOISE_LEVELS (relative to each
+channel's std), and a series takes the quantiles of the level nearest its own estimated noise
+(raypd.refine.noise_level). Quantiles are kept on LEVEL_GRID; a level between grid points
+takes the next one up (never narrower than asked).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_LEVEL = 0.9
+NOISE_LEVELS = (0.0, 0.01, 0.02, 0.05)
+LEVEL_GRID = tuple([round(0.01 * k, 2) for k in range(1, 100)] + [0.995, 0.999])
+CALIBRATION_FORMAT = "raypd-conformal/1"
+
+
+def check_level(level) -> float:
+    """A coverage level in (0, 1), or a ValueError saying so."""
+    try:
+        value = float(level)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < 1:
+        raise ValueError(f"interval level must be a number in (0, 1), e.g. 0.9 (got {level!r})")
+    return value
+
+
+def add_noise(series: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    """series (N, C, T) plus Gaussian noise of sd `level` x each channel's std."""
+    series = np.asarray(series, dtype=np.float64)
+    if level == 0:
+        return series.copy()
+    return series + rng.normal(size=series.shape) * level * series.std(axis=-1, keepdims=True)
+
+
+def conformal_quantiles(scores: np.ndarray) -> list[list[float]]:
+    """(len(LEVEL_GRID), q) split-conformal quantiles of scores (N, q): for level L the
+    ceil((N+1) L)-th smallest score; beyond N (too few series for that level) the largest, and
+    +inf (unbounded) where there is no score at all."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64), axis=0)
+    count = scores.shape[0]
+    out = []
+    for level in LEVEL_GRID:
+        if count == 0:
+            out.append([math.inf] * scores.shape[1])
+            continue
+        k = min(count, math.ceil((count + 1) * level))
+        out.append([float(v) for v in scores[k - 1]])
+    return out
+
+
+def nearest_bin(noise: np.ndarray, noise_levels) -> np.ndarray:
+    """For each estimated noise level, the position of the nearest calibrated one."""
+    levels = np.asarray(noise_levels, dtype=np.float64)
+    return np.abs(np.asarray(noise, dtype=np.float64)[:, None] - levels[None, :]).argmin(axis=1)
+
+
+def half_widths(calibration: dict, noise: np.ndarray, level: float) -> np.ndarray:
+    """(N, q) quantile per series (its noise bin) and target at `level` (the grid level at or
+    just above it)."""
+    level = check_level(level)
+    grid = np.asarray(calibration["levels"])
+    at = int(np.searchsorted(grid, level - 1e-12))
+    at = min(at, len(grid) - 1)
+    table = np.asarray(calibration["quantiles"], dtype=np.float64)  # (bins, levels, q)
+    return table[nearest_bin(noise, calibration["noise_levels"]), at]
+
+
+def calibrate_model(predict, series: np.ndarray, targets: np.ndarray, seed: int = 0,
+                    noise_levels=NOISE_LEVELS) -> dict:
+    """Model-only calibration for `predict` (raw series -> raw targets) on held-out raw
+    series (N, C, T) and their true targets (N, q): what model_meta keeps as "intervals"."""
+    rng = np.random.default_rng(seed)
+    quantiles = []
+    for level in noise_levels:
+        noisy = add_noise(series, level, rng).astype(np.float32)
+        quantiles.append(conformal_quantiles(np.abs(predict(noisy) - targets)))
+    return {"format": CALIBRATION_FORMAT, "kind": "model", "levels": list(LEVEL_GRID),
+            "noise_levels": list(noise_levels), "quantiles": quantiles, "n_calibration": int(len(series))}
+
+
+def model_intervals(calibration: dict, series: np.ndarray, estimate: np.ndarray, level: float = DEFAULT_LEVEL):
+    """(lower, upper) (N, q) model-only intervals for raw series and the model's estimates."""
+    from raypd.refine import noise_level
+
+    width = half_widths(calibration, noise_level(series), level)
+    return estimate - width, estimate + width
+
+
+def coverage(lower: np.ndarray, upper: np.ndarray, truth: np.ndarray, names: list[str]) -> dict:
+    """Share of true values inside their intervals, per target (None for a constant target,
+    whose interval is a point) and over all varying targets."""
+    inside = (truth >= lower) & (truth <= upper)
+    varying = truth.std(axis=0) > 0
+    per = {name: (float(inside[:, j].mean()) if varying[j] else None) for j, name in enumerate(names)}
+    return {"all": float(inside[:, varying].mean()) if varying.any() else None, "per_target": per}

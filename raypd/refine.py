@@ -1,0 +1,327 @@
+"""Refinement: the network proposes, the ODE decides.
+
+Each observed series is fitted through raypd's own solver by bounded least squares
+(scipy's trust-region reflective `least_squares`), started at the model's estimate:
+
+    residual = (solve(params, ic) - series) / scale,   scale = each channel's std
+
+over the free targets (a target that is constant in the training data, mu with mu_range
+[0, 0], stays fixed), bounded to the study's sampling ranges (initial conditions widened by
+half their range on each side: v and m are not bounded by the physics). The Jacobian is
+exact: the forward sensitivity equations are integrated with the state (ode.
+solve_with_jacobian), one integration per iteration where finite differences need one per
+target, and without their noise.
+
+Multistart: the model's estimate first, then any other starts given (the study's next-best
+models), then perturbed restarts around the model's estimate; the first start whose fit
+explains the series to its noise level wins. A series is `identified` when its fit does
+(relative RMS residual <= max(1e-4, NOISE_FACTOR x the series' estimated noise)) and the
+fitted targets are determined by the series (the Jacobian has full column rank); otherwise
+the start with the smallest residual is kept, and the model's estimate where no start
+explains the series better. A fit that diverges or hits the step limit is just a start that
+did not identify.
+
+Intervals: an identified fit's interval is the Gauss-Newton one (covariance s^2 (J^T J)^-1,
+s^2 the residual variance), scaled per target by a factor calibrated on held-out series
+(`calibrate_refined`): the residual of a noise-free series is the solver's and optimiser's
+error, not noise, and only a calibration can say how far that moves the estimate. A series
+that is not identified gets the model-only interval (raypd.intervals).
+
+Many series run as Ray Data tasks in blocks (`refine`), as generation does: the cluster's
+CPUs share them and the dashboard shows `MapBatches(refine_block)` tasks.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from raypd import ode
+
+IDENTIFIED_RESIDUAL = 1e-4  # relative RMS residual that counts as an exact fit of a clean series
+NOISE_FACTOR = 1.3  # a noisy series is explained when its residual is within this of its noise
+RESTARTS = 3  # perturbed restarts after the given starts
+MAX_NFEV = 60  # residual evaluations per start
+RANK_TOLERANCE = 1e-8  # smallest singular value of the scaled Jacobian, relative to the largest
+MAX_BLOCK_SIZE = 256  # series per Ray Data task
+MIN_BLOCK_SIZE = 8
+
+
+@dataclass(frozen=True)
+class FitProblem:
+    """What fitting a series needs besides the series: its times, the bounds of every target
+    (params then initial conditions), which targets the fit moves, the solver tolerances."""
+
+    n: int
+    times: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    free: np.ndarray  # (q,) bool
+    rtol: float = 1e-8
+    atol: float = 1e-10
+
+    @classmethod
+    def from_data_config(cls, data, times=None) -> "FitProblem":
+        """Bounds from a DataConfig's sampling ranges; a target whose range is one value is fixed."""
+        lo, hi = data.bounds()
+        n, n_p = data.n_actions, ode.num_params(data.n_actions)
+        free = hi > lo
+        widen = 0.5 * (hi[n_p:] - lo[n_p:])
+        lo, hi = lo.copy(), hi.copy()
+        lo[n_p:] -= widen
+        hi[n_p:] += widen
+        return cls(n=n, times=np.asarray(data.times() if times is None else times, dtype=np.float64),
+                   lower=lo, upper=hi, free=free, rtol=data.rtol, atol=data.atol)
+
+
+def noise_level(series: np.ndarray) -> np.ndarray:
+    """Estimated observation noise of series (..., 2n, T), relative to each channel's std, as
+    one RMS number per series: a robust (median absolute deviation) estimate from second
+    differences, which a smooth trajectory makes small and white noise makes 6 sigma^2 in
+    variance. A clean series gives ~0 (its settled stretches dominate the median)."""
+    series = np.asarray(series, dtype=np.float64)
+    second = np.diff(series, n=2, axis=-1)
+    mad = np.median(np.abs(second - np.median(second, axis=-1, keepdims=True)), axis=-1)
+    sigma = 1.4826 * mad / np.sqrt(6.0)
+    return np.sqrt(np.mean((sigma / channel_scale(series)) ** 2, axis=-1))
+
+
+def channel_scale(series: np.ndarray) -> np.ndarray:
+    """What a channel's residual is divided by: its std, floored at 1e-3 of the series' largest
+    channel std (a channel that stays at 0 still counts, without dominating)."""
+    std = np.asarray(series, dtype=np.float64).std(axis=-1)
+    return np.maximum(std, np.maximum(1e-3 * std.max(axis=-1, keepdims=True), 1e-12))
+
+
+@dataclass
+class Fit:
+    estimate: np.ndarray  # (q,) params then ic
+    residual: float  # relative RMS residual of the estimate
+    identified: bool
+    starts: int  # starts tried
+    se: np.ndarray  # (q,) Gauss-Newton standard errors (NaN where not identified; 0 for fixed targets)
+
+
+def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, restarts: int = RESTARTS,
+               seed: int = 0) -> Fit:
+    """Fit one series (2n, T) from starts (S, q) (the first is the model's estimate, kept when
+    no start explains the series better), then `restarts` perturbed restarts around it."""
+    from scipy.optimize import least_squares
+
+    observed = np.asarray(observed, dtype=np.float64)
+    n, n_p = problem.n, ode.num_params(problem.n)
+    free = problem.free
+    scale = channel_scale(observed)[:, None]
+    weights = 1.0 / scale
+    size = observed.size
+    threshold = max(IDENTIFIED_RESIDUAL, NOISE_FACTOR * float(noise_level(observed)))
+    lo, hi = problem.lower[free], problem.upper[free]
+    base = np.clip(np.asarray(starts[0], dtype=np.float64), problem.lower, problem.upper)
+
+    def full(x):
+        theta = base.copy()
+        theta[free] = x
+        return theta
+
+    def residual_of(theta) -> float:
+        series, ok = ode.solve(theta[None, :n_p], theta[None, n_p:], problem.times, n, problem.rtol, problem.atol)
+        if not ok[0]:
+            return np.inf
+        return float(np.sqrt(np.mean(((series[0] - observed) * weights) ** 2)))
+
+    # fun and jac at the same point share one integration
+    cache: dict = {}
+
+    def evaluate(x):
+        key = x.tobytes()
+        if key not in cache:
+            cache.clear()
+            theta = full(x)
+            series, jac, ok = ode.solve_with_jacobian(theta[None, :n_p], theta[None, n_p:], problem.times, n,
+                                                      problem.rtol, problem.atol)
+            if ok[0]:
+                r = ((series[0] - observed) * weights).ravel()
+                J = (jac[0][:, :, free] * weights[:, :, None]).reshape(size, -1)
+            else:  # diverged or step limit: a large, flat residual sends the optimiser back
+                r, J = np.full(size, 1e3), np.zeros((size, int(free.sum())))
+            cache[key] = (r, J)
+        return cache[key]
+
+    rng = np.random.default_rng(seed)
+    spread = 0.25 * (problem.upper - problem.lower)
+    candidates = [np.clip(np.asarray(s, dtype=np.float64), problem.lower, problem.upper) for s in starts]
+    candidates += [np.clip(base + rng.normal(size=base.size) * spread, problem.lower, problem.upper)
+                   for _ in range(restarts)]
+    best = (residual_of(base), base, None)  # the model's estimate, kept unless a fit does better
+    tried = 0
+    for start in candidates:
+        tried += 1
+        x0 = np.clip(start[free], lo, hi)
+        x0 = np.where(x0 <= lo, lo + 1e-9 * (hi - lo), np.where(x0 >= hi, hi - 1e-9 * (hi - lo), x0))
+        try:
+            result = least_squares(lambda x: evaluate(x)[0], x0, jac=lambda x: evaluate(x)[1], bounds=(lo, hi),
+                                   method="trf", x_scale="jac", max_nfev=MAX_NFEV, ftol=1e-12, xtol=1e-12,
+                                   gtol=1e-12)
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+            continue
+        theta = full(result.x)
+        r, J = evaluate(result.x)
+        rms = float(np.sqrt(np.mean(r**2)))
+        if rms < best[0]:
+            best = (rms, theta, J)
+        if rms <= threshold:
+            break
+    rms, theta, J = best
+    se = np.full(theta.size, np.nan)
+    identified = False
+    if J is not None and rms <= threshold:
+        singular = np.linalg.svd(J, compute_uv=False)
+        if singular.size and singular[-1] > RANK_TOLERANCE * singular[0]:
+            identified = True
+            dof = max(1, size - J.shape[1])
+            s2 = rms**2 * size / dof
+            _, sv, vt = np.linalg.svd(J, full_matrices=False)
+            cov = (vt.T / sv**2) @ vt * s2
+            se[free] = np.sqrt(np.diag(cov))
+            se[~free] = 0.0
+    return Fit(estimate=theta, residual=rms, identified=identified, starts=tried, se=se)
+
+
+def fit_many(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: np.ndarray,
+             restarts: int = RESTARTS) -> dict[str, np.ndarray]:
+    """fit_series over (N, 2n, T) series with starts (N, S, q): the columns refine writes."""
+    fits = [fit_series(s, st, problem, restarts, int(seed)) for s, st, seed in zip(series, starts, seeds)]
+    q = starts.shape[2]
+    return {"estimate": np.array([f.estimate for f in fits]).reshape(-1, q),
+            "residual": np.array([f.residual for f in fits], dtype=np.float64),
+            "identified": np.array([f.identified for f in fits], dtype=bool),
+            "starts": np.array([f.starts for f in fits], dtype=np.int64),
+            "se": np.array([f.se for f in fits]).reshape(-1, q)}
+
+
+def refine_block(batch: dict, problem: FitProblem, restarts: int) -> dict:
+    """Ray Data map_batches body: fit every series of the block (one task)."""
+    ode.warm_up(problem.n)  # loads the compiled solver from numba's cache (once per worker)
+    count = len(batch["row"])
+    series = np.stack(list(batch["series"])).reshape(count, 2 * problem.n, -1)
+    starts = np.stack(list(batch["starts"]))
+    out = fit_many(series, starts, problem, batch["seed"], restarts)
+    return {"row": np.asarray(batch["row"], dtype=np.int64), **out}
+
+
+def block_size(count: int, cpus: float) -> int:
+    """Series per task: at least two tasks per CPU while blocks stay >= MIN_BLOCK_SIZE."""
+    blocks = max(2 * max(1, int(cpus)), -(-count // MAX_BLOCK_SIZE))
+    return max(1, min(MAX_BLOCK_SIZE, max(MIN_BLOCK_SIZE, -(-count // blocks))))
+
+
+def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: np.ndarray | None = None,
+           restarts: int = RESTARTS, address: str | None = None, progress: bool = True,
+           local: bool | None = None) -> dict[str, np.ndarray]:
+    """Fit N series (N, 2n, T) from their starts (N, S, q) (starts[:, 0]: the model's
+    estimates). Returns estimate (N, q), residual, identified, starts tried, se (N, q).
+
+    Runs as Ray Data tasks (joining the cluster at `address`/$RAY_ADDRESS or starting a local
+    Ray) unless the series fit in one block, or local=True: then in this process.
+    seeds: one per series for its perturbed restarts (default: its position), so a series'
+    result does not depend on its block."""
+    series = np.asarray(series, dtype=np.float64)
+    starts = np.asarray(starts, dtype=np.float64)
+    count = len(series)
+    assert starts.ndim == 3 and starts.shape[0] == count, starts.shape
+    seeds = np.arange(count) if seeds is None else np.asarray(seeds)
+    ode.warm_up(problem.n)
+    if local is None:
+        local = count <= MIN_BLOCK_SIZE
+    if local or count == 0:
+        return fit_many(series, starts, problem, seeds, restarts)
+
+    import ray
+
+    from raypd.cli import init_ray
+    from raypd.generate import _progress_bar, cluster_cpus
+
+    init_ray(address)
+    size = block_size(count, cluster_cpus())
+    rows = [{"row": i, "series": series[i].ravel(), "starts": starts[i], "seed": int(seeds[i])}
+            for i in range(count)]
+    ds = ray.data.from_items(rows, override_num_blocks=-(-count // size))
+    ds = ds.map_batches(refine_block, batch_size=None, num_cpus=1, zero_copy_batch=True,
+                        fn_kwargs={"problem": problem, "restarts": restarts})
+    ds.context.enable_progress_bars = False  # one bar, in series, below
+    ds.context.op_resource_reservation_enabled = False  # one map operator: nothing to starve
+    q = starts.shape[2]
+    out = {"estimate": np.empty((count, q)), "residual": np.empty(count), "identified": np.empty(count, bool),
+           "starts": np.empty(count, np.int64), "se": np.empty((count, q))}
+    bar = _progress_bar(count, "refine", progress)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            rows_done = batch["row"]
+            for key in out:
+                out[key][rows_done] = np.stack(list(batch[key])) if batch[key].dtype == object else batch[key]
+            bar.update(len(rows_done))
+    finally:
+        bar.close()
+    return out
+
+
+def print_line(result: dict, file=sys.stderr) -> None:
+    count = len(result["residual"])
+    share = result["identified"].mean() if count else 0.0
+    print(f"raypd.refine: {count} series, {share:.1%} identified, {result['starts'].mean() if count else 0:.2f} "
+          "starts per series", file=file)
+
+
+# --------------------------------------------------------------------------- intervals
+
+CALIBRATION_SERIES = 200  # held-out series (per noise level) that calibrate the refined intervals
+
+
+def calibrate_refined(predict, series: np.ndarray, targets: np.ndarray, problem: FitProblem, seed: int = 0,
+                      address: str | None = None, progress: bool = True) -> dict:
+    """Calibration of the refined intervals (raypd.intervals, studentized split conformal):
+    held-out raw series (N, 2n, T), clean and with each calibrated noise level, are refined
+    from `predict`'s estimates; the scores |y - y_fit| / se of the identified ones set each
+    noise level's quantiles. Also records the identified share per noise level."""
+    from raypd.intervals import CALIBRATION_FORMAT, LEVEL_GRID, NOISE_LEVELS, add_noise, conformal_quantiles
+
+    rng = np.random.default_rng(seed)
+    noisy = np.concatenate([add_noise(series, level, rng) for level in NOISE_LEVELS])
+    truth = np.concatenate([targets] * len(NOISE_LEVELS))
+    estimates = predict(noisy.astype(np.float32))
+    out = refine(noisy, estimates[:, None, :], problem, seeds=np.arange(len(noisy)) + seed, address=address,
+                 progress=progress)
+    quantiles, identified = [], []
+    for k, rows in enumerate(np.array_split(np.arange(len(noisy)), len(NOISE_LEVELS))):
+        ok = out["identified"][rows]
+        se, err = out["se"][rows][ok], np.abs(out["estimate"][rows][ok] - truth[rows][ok])
+        scores = np.where(se > 0, err / np.where(se > 0, se, 1.0), 0.0)  # a fixed target: 0 / 0
+        quantiles.append(conformal_quantiles(scores))
+        identified.append(float(ok.mean()) if ok.size else 0.0)
+    return {"format": CALIBRATION_FORMAT, "kind": "refined", "levels": list(LEVEL_GRID),
+            "noise_levels": list(NOISE_LEVELS), "quantiles": quantiles, "n_calibration": int(len(series)),
+            "identified": identified}
+
+
+def refine_with_intervals(models: list, series: np.ndarray, problem: FitProblem, calibration: dict,
+                          level: float, seeds: np.ndarray | None = None, address: str | None = None,
+                          progress: bool = True) -> dict[str, np.ndarray]:
+    """The whole refinement of raw series (N, 2n, T): models[0]'s estimates and model-only
+    intervals, a fit from them (then from the other models' estimates, then perturbed
+    restarts), and each series' interval: the calibrated Gauss-Newton one where identified,
+    else the model-only one. models: raypd.serve.SavedModel, best first."""
+    from raypd.intervals import half_widths
+
+    series = np.asarray(series)
+    estimate, lower, upper = models[0].predict_with_intervals(series, level)
+    starts = np.stack([estimate] + [m.predict(series) for m in models[1:]], axis=1)
+    out = refine(series, starts, problem, seeds=seeds, address=address, progress=progress)
+    noise = noise_level(series)
+    width = half_widths(calibration, noise, level) * np.nan_to_num(out["se"])
+    identified = out["identified"][:, None]
+    out.update(model_estimate=estimate, model_lower=lower, model_upper=upper, noise=noise,
+               lower=np.where(identified, out["estimate"] - width, lower),
+               upper=np.where(identified, out["estimate"] + width, upper))
+    return out
