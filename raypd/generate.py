@@ -324,10 +324,10 @@ def _user_error(exc: BaseException) -> ValueError | None:
     return None
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def _progress_bar(total: int, desc: str, enabled: bool, unit: str = "samples"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="samples", disable=not enabled, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- command line

@@ -255,7 +255,7 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
     q = starts.shape[2]
     out = {"estimate": np.empty((count, q)), "residual": np.empty(count), "identified": np.empty(count, bool),
            "starts": np.empty(count, np.int64), "se": np.empty((count, q))}
-    bar = _progress_bar(count, "refine", progress)
+    bar = _progress_bar(count, "refine", progress, unit="series")
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             rows_done = batch["row"]

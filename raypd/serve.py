@@ -233,11 +233,13 @@ def registered_name(study: str) -> str:
 
 def signature(model: SavedModel):
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     channels, steps = model.series_shape
+    # interval_level 0: no intervals (the default response); in (0, 1): estimates with intervals
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, steps))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(model.target_names)))]))
+                          outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(model.target_names)))]),
+                          params=ParamSchema([ParamSpec("interval_level", "double", 0.0)]))
 
 
 @contextmanager
