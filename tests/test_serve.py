@@ -120,6 +120,9 @@ def test_pyfunc_gives_what_predict_writes(study, predictions):
     try:
         model = mlflow.pyfunc.load_model("models:/raypd-smoke/latest")
         y = model.predict(series[:N])
+        with_intervals = model.predict(series[:N], params={"interval_level": 0.9})
+        with pytest.raises(mlflow.exceptions.MlflowException, match=r"interval level must be a number in \(0, 1\)"):
+            model.predict(series[:N], params={"interval_level": 1.5})
         with pytest.raises(mlflow.exceptions.MlflowException, match="NaN or infinite"):
             bad = series[:2].copy()
             bad[1, 0, 3] = np.nan
@@ -130,6 +133,10 @@ def test_pyfunc_gives_what_predict_writes(study, predictions):
         mlflow.set_tracking_uri(None)
     assert y.shape == (N, 6)
     np.testing.assert_allclose(y, y_predict[:N], rtol=1e-5, atol=1e-6)
+    assert set(with_intervals) == {"estimate", "lower", "upper"}
+    np.testing.assert_allclose(with_intervals["estimate"], y, rtol=1e-6)
+    assert (with_intervals["lower"] <= y).all() and (y <= with_intervals["upper"]).all()
+    assert (with_intervals["upper"] - with_intervals["lower"])[:, [0, 2, 3, 4, 5]].min() > 0  # mu_1 is constant
 
 
 @pytest.mark.parametrize("norm", ["sample", "sample+scale", "global"])
@@ -292,3 +299,13 @@ def test_served_model_answers_as_predict_does(served, predictions):
         assert 400 <= status < 600 and "error_code" in answer and answer["message"], (what, status, answer)
     status, answer = post(served, json.dumps({"inputs": series[:1].tolist()}).encode())
     assert status == 200 and np.allclose(answer["predictions"], y_predict[:1], rtol=1e-5, atol=1e-6)
+    # intervals on request, through MLflow's inference params
+    status, answer = post(served, json.dumps({"inputs": series[:2].tolist(),
+                                              "params": {"interval_level": 0.9}}).encode())
+    assert status == 200, answer
+    got = {k: np.array(v) for k, v in answer["predictions"].items()}
+    np.testing.assert_allclose(got["estimate"], y_predict[:2], rtol=1e-5, atol=1e-6)
+    assert (got["lower"] <= got["estimate"]).all() and (got["estimate"] <= got["upper"]).all()
+    status, answer = post(served, json.dumps({"inputs": series[:2].tolist(),
+                                              "params": {"interval_level": 2.0}}).encode())
+    assert 400 <= status < 500 and "interval level" in answer["message"], answer
