@@ -7,7 +7,7 @@ Prints, for the run's test split (the first --test series), clean and with 2% Ga
 observation noise: the model-only and refined test MSE (raw units, all targets), the share
 identified, and the coverage of the 90% intervals per target (model-only: calibrated on the
 validation split when the run was trained, or here if its checkpoint has none; refined:
-calibrated on 200 validation series, raypd.refine.calibrate_refined).
+calibrated on --calibration validation series, raypd.refine.calibrate_refined).
 
 Speed: wall time of refine() on Ray Data for two sizes of clean test series, differenced
 (sizes far apart, so Ray's start-up and the last task's tail cancel), times the CPUs Ray
@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--test", type=int, default=1500, help="test series refined for the accuracy table")
     p.add_argument("--sizes", type=int, nargs=2, default=[100, 400], help="series for the differenced timing")
     p.add_argument("--baseline", type=int, default=40, help="series fitted by the finite-difference baseline")
+    p.add_argument("--calibration", type=int, default=CALIBRATION_SERIES,
+                   help="validation series (per noise level) that calibrate the refined intervals")
     p.add_argument("--no-timing", action="store_true")
     args = p.parse_args()
 
@@ -89,7 +91,7 @@ def main() -> None:
           f"Ray with {cpus:g} CPUs")
 
     started = time.perf_counter()
-    val = np.random.default_rng(0).permutation(rows["val"])[:CALIBRATION_SERIES]
+    val = np.random.default_rng(0).permutation(rows["val"])[: args.calibration]
     calibration = calibrate_refined(model.predict, series[val], targets[val], problem, seed=1, progress=False)
     print(f"refined calibration: {len(val)} validation series x {len(calibration['noise_levels'])} noise levels in "
           f"{time.perf_counter() - started:.1f} s; identified {np.round(calibration['identified'], 3).tolist()}")

@@ -42,8 +42,9 @@ from raypd import ode
 
 IDENTIFIED_RESIDUAL = 1e-4  # relative RMS residual that counts as an exact fit of a clean series
 NOISE_FACTOR = 1.3  # a noisy series is explained when its residual is within this of its noise
-RESTARTS = 3  # perturbed restarts after the given starts
+RESTARTS = 8  # perturbed restarts after the given starts
 MAX_NFEV = 60  # residual evaluations per start
+WHITE_LAGS, WHITE_CHI2 = 5, 20.5  # a residual is noise-like below chi2(5)'s 0.999 quantile (white)
 RANK_TOLERANCE = 1e-8  # smallest singular value of the scaled Jacobian, relative to the largest
 MAX_BLOCK_SIZE = 256  # series per Ray Data task
 MIN_BLOCK_SIZE = 8
@@ -104,89 +105,131 @@ class Fit:
     se: np.ndarray  # (q,) Gauss-Newton standard errors (NaN where not identified; 0 for fixed targets)
 
 
+WINDOWS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # continuation: the first 32nd of the series, then a 16th, ...
+
+
 def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, restarts: int = RESTARTS,
                seed: int = 0) -> Fit:
     """Fit one series (2n, T) from starts (S, q) (the first is the model's estimate, kept when
-    no start explains the series better), then `restarts` perturbed restarts around it."""
-    from scipy.optimize import least_squares
+    no start explains the series better), then `restarts` perturbed restarts around it.
 
+    Each start is first fitted to the whole series; if that does not explain it, again by
+    continuation in time: fitted to the first WINDOWS[0] of the series, that fit to the next
+    window, and so on to the whole. Long oscillating transients (small Gamma) put local minima
+    one period apart in the whole series' residual; over a short window the phase cannot
+    slip, and each longer window starts from a fit that is already in phase."""
     observed = np.asarray(observed, dtype=np.float64)
-    n, n_p = problem.n, ode.num_params(problem.n)
     free = problem.free
-    scale = channel_scale(observed)[:, None]
-    weights = 1.0 / scale
-    size = observed.size
+    weights = 1.0 / channel_scale(observed)[:, None]
     threshold = max(IDENTIFIED_RESIDUAL, NOISE_FACTOR * float(noise_level(observed)))
     lo, hi = problem.lower[free], problem.upper[free]
     base = np.clip(np.asarray(starts[0], dtype=np.float64), problem.lower, problem.upper)
+    steps = observed.shape[1]
+    windows = [max(8, int(round(w * steps))) for w in WINDOWS if round(w * steps) < steps]
 
-    def full(x):
-        theta = base.copy()
-        theta[free] = x
-        return theta
+    def fitted(start: np.ndarray, window: int) -> np.ndarray:
+        """The least-squares fit of the first `window` time points from `start` (free targets)."""
+        from scipy.optimize import least_squares
 
-    def residual_of(theta) -> float:
-        series, ok = ode.solve(theta[None, :n_p], theta[None, n_p:], problem.times, n, problem.rtol, problem.atol)
-        if not ok[0]:
-            return np.inf
-        return float(np.sqrt(np.mean(((series[0] - observed) * weights) ** 2)))
+        evaluate = _residuals(observed[:, :window], weights, problem, base, window)
+        x0 = np.clip(start, lo, hi)
+        x0 = np.where(x0 <= lo, lo + 1e-9 * (hi - lo), np.where(x0 >= hi, hi - 1e-9 * (hi - lo), x0))
+        try:
+            return least_squares(lambda x: evaluate(x)[0], x0, jac=lambda x: evaluate(x)[1], bounds=(lo, hi),
+                                 method="trf", x_scale="jac", max_nfev=MAX_NFEV, ftol=1e-12, xtol=1e-12,
+                                 gtol=1e-12).x
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+            return x0
 
-    # fun and jac at the same point share one integration
+    whole = _residuals(observed, weights, problem, base, steps)
+
+    def rms_of(x) -> float:
+        r = whole(x)[0]
+        return float(np.sqrt(np.mean(r**2))) if np.isfinite(r).all() else np.inf
+
+    def explains(x, rms: float) -> bool:
+        """Fitted exactly, or to the series' noise level with a residual that looks like noise."""
+        return rms <= IDENTIFIED_RESIDUAL or (rms <= threshold and white(whole(x)[0], observed.shape))
+
+    rng = np.random.default_rng(seed)
+    spread = 0.25 * (problem.upper - problem.lower)[free]
+    candidates = [np.clip(np.asarray(s, dtype=np.float64)[free], lo, hi) for s in starts]
+    candidates += [np.clip(base[free] + rng.normal(size=lo.size) * spread, lo, hi) for _ in range(restarts)]
+    best_rms, best_x = rms_of(base[free]), None  # the model's estimate, kept unless a fit does better
+    tried = 0
+    for start in candidates:
+        tried += 1
+        for attempt in ("whole", "continuation"):
+            if attempt == "whole":
+                x = fitted(start, steps)
+            else:
+                x = start
+                for window in windows + [steps]:
+                    x = fitted(x, window)
+            rms = rms_of(x)
+            if rms < best_rms:
+                best_rms, best_x = rms, x
+            if explains(x, rms):
+                break
+        if best_x is not None and explains(best_x, best_rms):
+            break
+    theta = base.copy()
+    if best_x is not None:
+        theta[free] = best_x
+    se = np.full(theta.size, np.nan)
+    identified = False
+    if best_x is not None and explains(best_x, best_rms):
+        r, J = whole(best_x)
+        _, singular, vt = np.linalg.svd(J, full_matrices=False)
+        if singular.size and singular[-1] > RANK_TOLERANCE * singular[0]:
+            identified = True
+            dof = max(1, r.size - J.shape[1])
+            cov = (vt.T / singular**2) @ vt * (float(r @ r) / dof)  # s^2 (J^T J)^-1
+            se[free] = np.sqrt(np.diag(cov))
+            se[~free] = 0.0
+    return Fit(estimate=theta, residual=best_rms, identified=identified, starts=tried, se=se)
+
+
+def white(residual: np.ndarray, shape) -> bool:
+    """Whether a residual looks like noise: the Box-Pierce statistic of its first WHITE_LAGS
+    autocorrelations (pooled over channels), N x sum(rho_k^2), is below the chi-square
+    quantile that white noise exceeds once in a thousand series. A fit that misses a fast
+    oscillation (which the noise estimate, from second differences, can mistake for noise)
+    leaves a periodic, strongly correlated residual."""
+    r = residual.reshape(shape)
+    denominator = float((r * r).sum())
+    if not denominator > 0:
+        return False
+    rho = np.array([(r[:, k:] * r[:, :-k]).sum() / denominator for k in range(1, WHITE_LAGS + 1)])
+    return float(r.size * (rho**2).sum()) <= WHITE_CHI2
+
+
+def _residuals(observed: np.ndarray, weights: np.ndarray, problem: FitProblem, base: np.ndarray, window: int):
+    """x (free targets) -> (weighted residual, its Jacobian) over the first `window` times;
+    one integration serves both (least_squares asks for the Jacobian where it has just asked
+    for the residual). A solve that diverges or hits the step limit gives a large, flat
+    residual, which sends the optimiser back."""
+    n, n_p, free = problem.n, ode.num_params(problem.n), problem.free
+    times = problem.times[:window]
     cache: dict = {}
 
     def evaluate(x):
         key = x.tobytes()
         if key not in cache:
             cache.clear()
-            theta = full(x)
-            series, jac, ok = ode.solve_with_jacobian(theta[None, :n_p], theta[None, n_p:], problem.times, n,
+            theta = base.copy()
+            theta[free] = x
+            series, jac, ok = ode.solve_with_jacobian(theta[None, :n_p], theta[None, n_p:], times, n,
                                                       problem.rtol, problem.atol)
             if ok[0]:
                 r = ((series[0] - observed) * weights).ravel()
-                J = (jac[0][:, :, free] * weights[:, :, None]).reshape(size, -1)
-            else:  # diverged or step limit: a large, flat residual sends the optimiser back
-                r, J = np.full(size, 1e3), np.zeros((size, int(free.sum())))
+                J = (jac[0][:, :, free] * weights[:, :, None]).reshape(observed.size, -1)
+            else:
+                r, J = np.full(observed.size, 1e3), np.zeros((observed.size, int(free.sum())))
             cache[key] = (r, J)
         return cache[key]
 
-    rng = np.random.default_rng(seed)
-    spread = 0.25 * (problem.upper - problem.lower)
-    candidates = [np.clip(np.asarray(s, dtype=np.float64), problem.lower, problem.upper) for s in starts]
-    candidates += [np.clip(base + rng.normal(size=base.size) * spread, problem.lower, problem.upper)
-                   for _ in range(restarts)]
-    best = (residual_of(base), base, None)  # the model's estimate, kept unless a fit does better
-    tried = 0
-    for start in candidates:
-        tried += 1
-        x0 = np.clip(start[free], lo, hi)
-        x0 = np.where(x0 <= lo, lo + 1e-9 * (hi - lo), np.where(x0 >= hi, hi - 1e-9 * (hi - lo), x0))
-        try:
-            result = least_squares(lambda x: evaluate(x)[0], x0, jac=lambda x: evaluate(x)[1], bounds=(lo, hi),
-                                   method="trf", x_scale="jac", max_nfev=MAX_NFEV, ftol=1e-12, xtol=1e-12,
-                                   gtol=1e-12)
-        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
-            continue
-        theta = full(result.x)
-        r, J = evaluate(result.x)
-        rms = float(np.sqrt(np.mean(r**2)))
-        if rms < best[0]:
-            best = (rms, theta, J)
-        if rms <= threshold:
-            break
-    rms, theta, J = best
-    se = np.full(theta.size, np.nan)
-    identified = False
-    if J is not None and rms <= threshold:
-        singular = np.linalg.svd(J, compute_uv=False)
-        if singular.size and singular[-1] > RANK_TOLERANCE * singular[0]:
-            identified = True
-            dof = max(1, size - J.shape[1])
-            s2 = rms**2 * size / dof
-            _, sv, vt = np.linalg.svd(J, full_matrices=False)
-            cov = (vt.T / sv**2) @ vt * s2
-            se[free] = np.sqrt(np.diag(cov))
-            se[~free] = 0.0
-    return Fit(estimate=theta, residual=rms, identified=identified, starts=tried, se=se)
+    return evaluate
 
 
 def fit_many(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: np.ndarray,
@@ -276,7 +319,7 @@ def print_line(result: dict, file=sys.stderr) -> None:
 
 # --------------------------------------------------------------------------- intervals
 
-CALIBRATION_SERIES = 200  # held-out series (per noise level) that calibrate the refined intervals
+CALIBRATION_SERIES = 1000  # held-out series (per noise level) that calibrate the refined intervals
 
 
 def calibrate_refined(predict, series: np.ndarray, targets: np.ndarray, problem: FitProblem, seed: int = 0,
@@ -319,7 +362,8 @@ def refine_with_intervals(models: list, series: np.ndarray, problem: FitProblem,
     starts = np.stack([estimate] + [m.predict(series) for m in models[1:]], axis=1)
     out = refine(series, starts, problem, seeds=seeds, address=address, progress=progress)
     noise = noise_level(series)
-    width = half_widths(calibration, noise, level) * np.nan_to_num(out["se"])
+    # an identified fit's residual is its series' noise level: it picks the calibration
+    width = half_widths(calibration, out["residual"], level) * np.nan_to_num(out["se"])
     identified = out["identified"][:, None]
     out.update(model_estimate=estimate, model_lower=lower, model_upper=upper, noise=noise,
                lower=np.where(identified, out["estimate"] - width, lower),
