@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raypd import ode  # noqa: E402
 from raypd.config import DataConfig, TrainConfig, from_dict  # noqa: E402
 from raypd.dataset import load_dataset, split_ids  # noqa: E402
-from raypd.intervals import DEFAULT_LEVEL, add_noise, coverage, half_widths  # noqa: E402
-from raypd.refine import CALIBRATION_SERIES, FitProblem, calibrate_refined, noise_level, refine  # noqa: E402
+from raypd.intervals import DEFAULT_LEVEL, add_noise, coverage  # noqa: E402
+from raypd.refine import CALIBRATION_SERIES, FitProblem, calibrate_refined, refine, refine_with_intervals  # noqa: E402
 from raypd.serve import SavedModel, add_calibration  # noqa: E402
 
 
@@ -101,14 +101,12 @@ def main() -> None:
     table = {}
     for kind, noise in (("clean", 0.0), ("2% noise", 0.02)):
         observed = add_noise(series[test], noise, rng)
-        estimate, lower, upper = model.predict_with_intervals(observed, DEFAULT_LEVEL)
         started = time.perf_counter()
-        out = refine(observed, estimate[:, None, :], problem, seeds=split["test"][: args.test], progress=False)
+        out = refine_with_intervals([model], observed, problem, calibration, DEFAULT_LEVEL,
+                                    seeds=split["test"][: args.test], progress=False)
         seconds = time.perf_counter() - started
-        width = half_widths(calibration, noise_level(observed), DEFAULT_LEVEL) * np.nan_to_num(out["se"])
-        ok = out["identified"][:, None]
-        r_lower = np.where(ok, out["estimate"] - width, lower)
-        r_upper = np.where(ok, out["estimate"] + width, upper)
+        estimate, lower, upper = out["model_estimate"], out["model_lower"], out["model_upper"]
+        r_lower, r_upper = out["lower"], out["upper"]
         truth = targets[test]
         table[kind] = {
             "series": len(test), "seconds": round(seconds, 1),

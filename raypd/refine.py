@@ -25,7 +25,9 @@ Intervals: an identified fit's interval is the Gauss-Newton one (covariance s^2 
 s^2 the residual variance), scaled per target by a factor calibrated on held-out series
 (`calibrate_refined`): the residual of a noise-free series is the solver's and optimiser's
 error, not noise, and only a calibration can say how far that moves the estimate. A series
-that is not identified gets the model-only interval (raypd.intervals).
+that is not identified gets a model-only interval around the model's estimate, calibrated on
+the held-out series that refinement did not identify either (they are the hard ones, where
+the model errs more than on average; raypd.intervals' own calibration when too few).
 
 Many series run as Ray Data tasks in blocks (`refine`), as generation does: the cluster's
 CPUs share them and the dashboard shows `MapBatches(refine_block)` tasks.
@@ -320,6 +322,7 @@ def print_line(result: dict, file=sys.stderr) -> None:
 # --------------------------------------------------------------------------- intervals
 
 CALIBRATION_SERIES = 1000  # held-out series (per noise level) that calibrate the refined intervals
+MIN_FALLBACK_SERIES = 20  # unidentified calibration series needed for their own model-only quantiles
 
 
 def calibrate_refined(predict, series: np.ndarray, targets: np.ndarray, problem: FitProblem, seed: int = 0,
@@ -336,16 +339,39 @@ def calibrate_refined(predict, series: np.ndarray, targets: np.ndarray, problem:
     estimates = predict(noisy.astype(np.float32))
     out = refine(noisy, estimates[:, None, :], problem, seeds=np.arange(len(noisy)) + seed, address=address,
                  progress=progress)
-    quantiles, identified = [], []
+    quantiles, fallback, identified = [], [], []
     for k, rows in enumerate(np.array_split(np.arange(len(noisy)), len(NOISE_LEVELS))):
         ok = out["identified"][rows]
         se, err = out["se"][rows][ok], np.abs(out["estimate"][rows][ok] - truth[rows][ok])
         scores = np.where(se > 0, err / np.where(se > 0, se, 1.0), 0.0)  # a fixed target: 0 / 0
         quantiles.append(conformal_quantiles(scores))
+        # The series refinement could not identify are the hard ones, where the model errs
+        # more than on average: their model-only intervals are calibrated on their own kind.
+        missed = np.abs(estimates[rows][~ok] - truth[rows][~ok])
+        fallback.append(conformal_quantiles(missed) if len(missed) >= MIN_FALLBACK_SERIES else None)
         identified.append(float(ok.mean()) if ok.size else 0.0)
     return {"format": CALIBRATION_FORMAT, "kind": "refined", "levels": list(LEVEL_GRID),
             "noise_levels": list(NOISE_LEVELS), "quantiles": quantiles, "n_calibration": int(len(series)),
-            "identified": identified}
+            "identified": identified, "unidentified_quantiles": fallback}
+
+
+def unidentified_half_widths(calibration: dict, noise: np.ndarray, level: float, model_widths: np.ndarray):
+    """Half-widths of the model-only intervals of series refinement did not identify: the
+    calibration's quantiles for such series (per noise level) where it had enough of them
+    (MIN_FALLBACK_SERIES), else the model's own (model_widths)."""
+    from raypd.intervals import nearest_bin
+
+    out = model_widths.copy()
+    tables = calibration.get("unidentified_quantiles") or []
+    if not tables:
+        return out
+    grid = np.asarray(calibration["levels"])
+    at = min(int(np.searchsorted(grid, level - 1e-12)), len(grid) - 1)
+    bins = nearest_bin(noise, calibration["noise_levels"])
+    for i, b in enumerate(bins):
+        if tables[b] is not None:
+            out[i] = np.asarray(tables[b][at], dtype=np.float64)
+    return out
 
 
 def refine_with_intervals(models: list, series: np.ndarray, problem: FitProblem, calibration: dict,
@@ -364,8 +390,9 @@ def refine_with_intervals(models: list, series: np.ndarray, problem: FitProblem,
     noise = noise_level(series)
     # an identified fit's residual is its series' noise level: it picks the calibration
     width = half_widths(calibration, out["residual"], level) * np.nan_to_num(out["se"])
+    missed = unidentified_half_widths(calibration, noise, level, 0.5 * (upper - lower))
     identified = out["identified"][:, None]
     out.update(model_estimate=estimate, model_lower=lower, model_upper=upper, noise=noise,
-               lower=np.where(identified, out["estimate"] - width, lower),
-               upper=np.where(identified, out["estimate"] + width, upper))
+               lower=np.where(identified, out["estimate"] - width, estimate - missed),
+               upper=np.where(identified, out["estimate"] + width, estimate + missed))
     return out

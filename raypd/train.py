@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state = saved["state"]
 
     step = make_train_step(model, optimizer, x_train, y_train, train.batch_size, train.grad_clip, graphed)
+    # what raypd.train shows while it trains (a study shows Tune's table instead)
+    progress = EpochProgress(train.epochs, state["epoch"], enabled=rank == 0 and not in_tune)
     # Equal shard sizes on every worker (DDP needs the same number of steps): pad by wrapping.
     per_worker = math.ceil(len(x_train) / world)
     for epoch in range(state["epoch"], train.epochs):
@@ -104,6 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state = {"epoch": epoch + 1, "best_val": metrics_["best_val_loss"],
                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
                  "history": state["history"] + [metrics_]}
+        progress.show(metrics_)
         if rank == 0:
             save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved, meta=meta)
         if in_tune:  # the trial's folder holds the checkpoints; Tune takes the metrics
@@ -116,6 +120,49 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics_)
         if state["bad_epochs"] >= train.patience:
             break
+    progress.close()
+
+
+class EpochProgress:
+    """Epoch, train and validation loss and the time left, while raypd.train trains: a tqdm bar
+    on a terminal, else (a log, a Ray worker's forwarded output) one line at the first and
+    last epoch and whenever LINE_SECONDS have passed."""
+
+    LINE_SECONDS = 10.0
+
+    def __init__(self, epochs: int, done: int, enabled: bool, stream=None):
+        self.epochs, self.done, self.enabled = epochs, done, enabled
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.last_line = -math.inf
+        self.seconds: list[float] = []
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=epochs, initial=done, desc="train", unit="epoch", file=self.stream)
+
+    def show(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.seconds.append(metrics["epoch_seconds"])
+        loss = f"train_loss {metrics['train_loss']:.4f}, val_loss {metrics['val_loss']:.4f} " \
+               f"(best {metrics['best_val_loss']:.4f})"
+        if self.bar is not None:
+            self.bar.set_postfix_str(loss, refresh=False)
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        epoch = metrics["epoch"]
+        if epoch in (self.done + 1, self.epochs) or now - self.last_line >= self.LINE_SECONDS:
+            self.last_line = now
+            left = (self.epochs - epoch) * sum(self.seconds) / len(self.seconds)
+            print(f"raypd.train: epoch {epoch}/{self.epochs}: {loss}, {self.seconds[-1]:.2f} s/epoch, at most "
+                  f"{left // 60:.0f} min {left % 60:.0f} s left (early stopping may end it sooner)",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def make_train_step(model, optimizer, x, y, batch_size: int, grad_clip: float, cuda_graph: bool):
