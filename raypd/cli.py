@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 
@@ -24,7 +25,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_main(prog: str, body: Callable[[], int | None]) -> None:
-    """Run a stage's main body; a user error (ValueError) ends as one line and exit code 2."""
+    """Run a stage's main body; a user error (ValueError) ends as one line and exit code 2.
+    Ctrl-C (SIGINT) and SIGTERM stop it cleanly: one line saying how to continue, exit 130.
+    SIGTERM is turned into SIGINT, so that it stops a study the way Ctrl-C does (Tune's own
+    handler saves the experiment's state one last time)."""
+    stop_on_sigterm()
     try:
         code = body()
     except ValueError as exc:
@@ -38,9 +43,23 @@ def run_main(prog: str, body: Callable[[], int | None]) -> None:
               file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+_commands_stop_on_sigterm = False  # set by run_main: raypd's commands, not raypd used as a library
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM as Ctrl-C: a clean stop that the same command continues. (Ray's core installs
+    its own SIGTERM handler in the driver, which aborts: init_ray puts this one back.)"""
+    global _commands_stop_on_sigterm
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        _commands_stop_on_sigterm = True
+        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 def check_writable(path, flag: str, beside: bool = False) -> None:
@@ -82,6 +101,8 @@ def init_ray(address: str | None = None) -> None:
     except (ConnectionError, RuntimeError) as exc:
         where = address or "a new local instance"
         raise ValueError(f"cannot start or reach Ray at {where}: {exc}") from exc
+    if _commands_stop_on_sigterm:  # a raypd command: take SIGTERM back from Ray's core
+        stop_on_sigterm()
     url = getattr(context, "dashboard_url", None)
     if url:
         print(f"Ray dashboard: http://{url}", file=sys.stderr)

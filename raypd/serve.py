@@ -316,18 +316,21 @@ def log_and_register(study: str, summary: dict, tracking_uri: str, test_split: P
                 pip_requirements=requirements,
                 metadata={"target_names": model.target_names, "series_shape": list(model.series_shape)})
     # the registry through this client: MLflow's global registry URI (inherited by subprocesses
-    # through MLFLOW_REGISTRY_URI) is left alone
-    try:
-        client.create_registered_model(name, tags={"study": study},
-                                       description=f"best model of raypd study {study}: raw series (N, 2n, T) "
-                                                   "in, parameters then initial conditions out")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(
-        name, info.model_uri, run_id=run_id, model_id=info.model_id,
-        tags={"checkpoint_sha256": digest, "study": study, "trial_id": str(summary["best_trial_id"]),
-              "target_names": json.dumps(model.target_names)})
+    # through MLFLOW_REGISTRY_URI) is left alone. Inside `tracking`: the registry looks the
+    # logged model up through the process's tracking URI (in a fresh process, one that only
+    # re-registers a finished study, that was still ./mlruns: "Logged model ... not found").
+    with tracking(tracking_uri):
+        try:
+            client.create_registered_model(name, tags={"study": study},
+                                           description=f"best model of raypd study {study}: raw series (N, 2n, T) "
+                                                       "in, parameters then initial conditions out")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name, info.model_uri, run_id=run_id, model_id=info.model_id,
+            tags={"checkpoint_sha256": digest, "study": study, "trial_id": str(summary["best_trial_id"]),
+                  "target_names": json.dumps(model.target_names)})
     client.set_tag(run_id, "registered_model", f"{name}/{version.version}")
     return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
             "new": True}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -288,13 +289,22 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
                                 callbacks=[mlflow_callback(tracking_uri, name, tags)])
+    if tune.Tuner.can_restore(study_dir) and not list(study_dir.glob("experiment_state-*.json")):
+        # Tune writes tuner.pkl first and its experiment state (trials, searcher) a few
+        # seconds later: a study stopped in between has nothing to restore, and nothing of it
+        # has run to the end; Tuner.restore would fail ("no search space has been defined").
+        print(f"raypd.tune: study {name} in {study_dir} was stopped before Tune saved its state: "
+              "starting it afresh", file=sys.stderr)
+        discard_tune_state(study_dir, name)
     if tune.Tuner.can_restore(study_dir):
         print(f"resuming study {name} from {study_dir}", file=sys.stderr)
         tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
                            tune_config=tune_config(config, plan.concurrent, name))
-    results = tuner.fit()
+    results, interrupted = fit_or_interrupted(tuner)
+    if interrupted:  # Tune stopped its trials and saved its state: the study is not done
+        raise KeyboardInterrupt
     summary = summarise(config, name, results, prepared, study_dir, dataset)
     finish_mlflow(tracking_uri, name, summary)
     # report and predict --refine read these, not ROOT/data
@@ -305,6 +315,41 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     write_json(study_dir / SUMMARY_FILE, summary)
     register_best(name, summary, tracking_uri, study_dir)
     return summary
+
+
+def fit_or_interrupted(tuner):
+    """tuner.fit(), and whether Ctrl-C (or SIGTERM, raypd.cli) stopped it. Tune catches the
+    first SIGINT itself, stops its trials, saves its state and returns the results as if the
+    study had ended (its trials then read TERMINATED). Its handler puts back the handler it
+    found, and only when a signal came: ours, in place during fit, says whether one did."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # no signals there
+        return tuner.fit(), False
+
+    def before_tune(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, before_tune)
+    try:
+        results = tuner.fit()
+    finally:
+        interrupted = signal.getsignal(signal.SIGINT) is before_tune
+        signal.signal(signal.SIGINT, previous)
+    return results, interrupted
+
+
+def discard_tune_state(study_dir: Path, name: str) -> None:
+    """Tune's files of a study that has nothing to restore (study.json and raypd's trials/
+    folders stay: a new trial never reuses an old trial's id)."""
+    import shutil
+
+    for path in [study_dir / "tuner.pkl", *study_dir.glob("searcher-state-*"), *study_dir.glob("search_gen_state-*"),
+                 *study_dir.glob("basic-variant-state-*"), *study_dir.glob(f"{name}_*")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, quiet: bool = False) -> None:
