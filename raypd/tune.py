@@ -301,7 +301,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
-                           tune_config=tune_config(config, plan.concurrent, name))
+                           tune_config=tune_config(config, plan.concurrent, name, study_dir))
     results, interrupted = fit_or_interrupted(tuner)
     if interrupted:  # Tune stopped its trials and saved its state: the study is not done
         raise KeyboardInterrupt
@@ -344,7 +344,8 @@ def discard_tune_state(study_dir: Path, name: str) -> None:
     folders stay: a new trial never reuses an old trial's id)."""
     import shutil
 
-    for path in [study_dir / "tuner.pkl", *study_dir.glob("searcher-state-*"), *study_dir.glob("search_gen_state-*"),
+    for path in [study_dir / "tuner.pkl", study_dir / OPTUNA_FILE, *study_dir.glob("searcher-state-*"),
+                 *study_dir.glob("search_gen_state-*"),
                  *study_dir.glob("basic-variant-state-*"), *study_dir.glob(f"{name}_*")]:
         if path.is_dir():
             shutil.rmtree(path)
@@ -379,15 +380,25 @@ def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, 
 
 
 def check_tracking_uri(uri: str) -> None:
-    """MLflow takes this URI (a known scheme); checked before anything is written. Not for
-    sqlite URIs: opening one creates the database."""
+    """MLflow takes this URI (a known scheme) and, for a tracking server (http, https), the
+    server answers; checked before anything is written or any trial runs. Not for sqlite URIs:
+    opening one creates the database."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(uri)
+        client = MlflowClient(uri)
     except MlflowException as exc:
         raise ValueError(f"--tracking-uri {uri}: {exc.message.strip().splitlines()[0]}") from None
+    if uri.split(":", 1)[0] in ("http", "https"):
+        import requests
+
+        try:  # one quick request, not MLflow's minutes of retries
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as exc:
+            raise ValueError(f"--tracking-uri {uri}: no MLflow tracking server answers there "
+                             f"({type(exc).__name__}); start it (mlflow server ...) or pass another URI") from None
+        del client
 
 
 def finish_mlflow(tracking_uri: str, name: str, summary: dict) -> None:
@@ -408,7 +419,14 @@ def finish_mlflow(tracking_uri: str, name: str, summary: dict) -> None:
             client.set_tag(run.info.run_id, "best_trial", "true")
 
 
-def tune_config(config: Config, concurrent: int, study_name: str):
+OPTUNA_FILE = "optuna.db"  # in ROOT/tune/NAME: the Optuna study of an optuna-searched study
+
+
+def optuna_storage_url(study_dir: Path) -> str:
+    return f"sqlite:///{Path(study_dir).absolute() / OPTUNA_FILE}"
+
+
+def tune_config(config: Config, concurrent: int, study_name: str, study_dir: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -417,7 +435,14 @@ def tune_config(config: Config, concurrent: int, study_name: str):
     if search.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed)
+        from optuna.storages import RDBStorage
+
+        # The search's Optuna study lives in the study folder, not only in Tune's pickled
+        # searcher: optuna-dashboard and optuna.load_study (the notebook's plots) read it,
+        # while the study runs and after; a resumed study goes on writing to it.
+        searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed,
+                                study_name=f"raypd-{study_name}",
+                                storage=RDBStorage(optuna_storage_url(study_dir)))
     else:
         from ray.tune.search.hyperopt import HyperOptSearch
 

@@ -9,7 +9,7 @@ import pytest
 from raypd.config import DataConfig, to_dict
 from raypd.dataio import MANIFEST
 from raypd.generate import generate
-from tests.conftest import run_cli, snapshot
+from tests.conftest import free_port, run_cli, snapshot
 from tests.test_dataset import corrupt
 
 DATA = DataConfig(samples=40, seed=4, mu_range=(0.0, 0.0), time_points=64, time_span=(0.0, 63.0))
@@ -102,6 +102,7 @@ CASES = [
     ("tune", "", ["--set", "search.space=5"], "search.space must be a mapping"),
     ("tune", "", ["--searcher", "grid"], "argument --searcher: invalid choice"),
     ("tune", "", ["--tracking-uri", "bogus://nowhere"], "--tracking-uri bogus://nowhere: Model registry functionality is unavailable"),
+    ("tune", "", ["--tracking-uri", "http://127.0.0.1:{port}"], "no MLflow tracking server answers there"),
     ("tune", "", ["--root", "{file}"], "--root {file} is a file"),
     ("tune", "", ["--root", "{file}/sub"], "{file} is a file, not a folder"),
     ("generate", None, ["--out", "{file}/ds"], "{file} is a file, not a folder"),
@@ -131,7 +132,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(dataset, tmp_path, 
     (tmp_path / "root").mkdir()
     places = {"file": tmp_path / "file", "foreign": tmp_path / "foreign", "other": tmp_path / "other",
               "missing": tmp_path / "missing", "listed": tmp_path / "listed",
-              "binary": tmp_path / "binary.yaml"}
+              "binary": tmp_path / "binary.yaml", "port": free_port()}
 
     def fill(arg: str) -> str:
         if arg.startswith("{bad:"):

@@ -101,6 +101,12 @@ def test_a_study_stopped_at_any_point_is_finished_by_the_same_command(smoke_data
     assert all(r.info.status == "FINISHED" for r in runs)
     versions = client.search_model_versions("name = 'raypd-smoke'")
     assert len(versions) == 1 and versions[0].tags["trial_id"] == summary["best_trial_id"]
+    # the resumed search went on writing to its Optuna study in the folder
+    import optuna
+
+    study = optuna.load_study(study_name="raypd-smoke", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
 
 
 @pytest.mark.slow

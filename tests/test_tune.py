@@ -47,6 +47,24 @@ def test_smoke_study_end_to_end(smoke):
     assert json.loads((root / "tune" / "smoke" / "summary.json").read_text()) == summary
 
 
+def test_the_optuna_study_is_kept_in_the_study_folder_for_optunas_own_tools(smoke):
+    """optuna-dashboard and optuna.load_study read ROOT/tune/NAME/optuna.db: every trial is
+    there, complete, with the value Tune reported last (its last val_loss), and the notebook's
+    plots draw from it."""
+    import optuna
+    import optuna.visualization.matplotlib as plots
+
+    root, summary = smoke
+    study = optuna.load_study(study_name="raypd-smoke", storage=f"sqlite:///{root / 'tune' / 'smoke' / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == summary["num_trials"] == 4
+    assert sorted(t.value for t in complete) == pytest.approx(sorted(t["last_val_loss"] for t in summary["trials"]))
+    assert sorted(t.params["train.lr"] for t in complete) == pytest.approx(
+        sorted(t["config"]["train.lr"] for t in summary["trials"]))
+    assert study.best_value == pytest.approx(min(t["last_val_loss"] for t in summary["trials"]))
+    assert plots.plot_parallel_coordinate(study) is not None and plots.plot_slice(study) is not None
+
+
 def test_mlflow_has_one_run_per_trial_with_tags_and_epochs(smoke):
     root, summary = smoke
     client, runs = runs_of(root, "smoke")
