@@ -27,6 +27,7 @@ import numpy as np
 from raypd import __version__, ode
 from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
 from raypd.config import RANGE_FIELDS, DataConfig, from_dict, to_dict
+from raypd.lock import hold
 from raypd.dataio import (MANIFEST, content_hash, manifest_path, read_manifest, row_digests, to_table,
                           write_table_atomic)
 
@@ -210,79 +211,85 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
         block_size = default_block_size(config.samples, cpus)
     settings = to_dict(config)
     plan = _block_plan(config.samples, block_size)
-    staging = out.with_name(f".{out.name}.staging")
-    _prepare_staging(staging, settings, plan)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one writer per dataset, also across the nodes that share ROOT (raypd.lock)
+    with hold(out.parent / f".{out.name}.lock", f"dataset {out}"):
+        existing = check_out_dir(config, out)  # published by another process meanwhile
+        if existing is not None:
+            return existing
+        staging = out.with_name(f".{out.name}.staging")
+        _prepare_staging(staging, settings, plan)
 
-    # On an autoscaling cluster, ask now for the CPUs this plan can use at once: Ray Data
-    # queues only as many tasks as the nodes that are up can take, so demand alone grows the
-    # cluster about one node at a time (seen on the fake autoscaler: all blocks on one node).
-    # Without an autoscaler this is a no-op; the request is withdrawn when generation ends.
-    from ray.autoscaler.sdk import request_resources
+        # On an autoscaling cluster, ask now for the CPUs this plan can use at once: Ray Data
+        # queues only as many tasks as the nodes that are up can take, so demand alone grows the
+        # cluster about one node at a time (seen on the fake autoscaler: all blocks on one node).
+        # Without an autoscaler this is a no-op; the request is withdrawn when generation ends.
+        from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=[{"CPU": 1}] * min(len(plan), int(cpus)))
-    start = time.perf_counter()
-    # One input row per block, made here rather than by read tasks (ray.data.range would run
-    # one ReadRange task per block first, each taking a CPU). The dashboard shows the tasks
-    # as MapBatches(generate_block).
-    ds = ray.data.from_items([{"id": i} for i in range(len(plan))], override_num_blocks=len(plan))
-    ds = ds.map_batches(generate_block, batch_size=1, num_cpus=1,
-                        fn_kwargs={"config": settings, "staging": str(staging), "plan": plan})
-    # Settings of this dataset only (ds.context is its own copy of the DataContext):
-    ds.context.enable_progress_bars = False  # one bar, in samples, below
-    # Ray Data reserves a share of the CPUs for each operator of a pipeline; here, with one
-    # map operator behind the input, that held every other CPU idle until a few tasks had
-    # finished, and left a gap before each task (8 half-second tasks on 2 CPUs: 3.05 s with
-    # the reservation, 2.1 s without). This pipeline has nothing to starve.
-    ds.context.op_resource_reservation_enabled = False
-    digests: list[bytes | None] = [None] * len(plan)
-    draws = 0
-    nodes = set()
-    bar = _progress_bar(config.samples, f"generate {out.name}", progress)
-    try:
-        for row in ds.iter_rows():
-            digests[row["block"]] = row["digests"]
-            draws += int(row["draws"])
-            nodes.add(row["node"])
-            bar.update(plan[row["block"]][1])
-    except Exception as exc:  # a user error raised inside a block comes back wrapped
-        cause = _user_error(exc)
-        if cause is None:
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-        raise cause from None
-    finally:
-        bar.close()
-        request_resources(bundles=[])  # back to scaling on demand
-    assert all(d is not None for d in digests)
+        request_resources(bundles=[{"CPU": 1}] * min(len(plan), int(cpus)))
+        start = time.perf_counter()
+        # One input row per block, made here rather than by read tasks (ray.data.range would run
+        # one ReadRange task per block first, each taking a CPU). The dashboard shows the tasks
+        # as MapBatches(generate_block).
+        ds = ray.data.from_items([{"id": i} for i in range(len(plan))], override_num_blocks=len(plan))
+        ds = ds.map_batches(generate_block, batch_size=1, num_cpus=1,
+                            fn_kwargs={"config": settings, "staging": str(staging), "plan": plan})
+        # Settings of this dataset only (ds.context is its own copy of the DataContext):
+        ds.context.enable_progress_bars = False  # one bar, in samples, below
+        # Ray Data reserves a share of the CPUs for each operator of a pipeline; here, with one
+        # map operator behind the input, that held every other CPU idle until a few tasks had
+        # finished, and left a gap before each task (8 half-second tasks on 2 CPUs: 3.05 s with
+        # the reservation, 2.1 s without). This pipeline has nothing to starve.
+        ds.context.op_resource_reservation_enabled = False
+        digests: list[bytes | None] = [None] * len(plan)
+        draws = 0
+        nodes = set()
+        bar = _progress_bar(config.samples, f"generate {out.name}", progress)
+        try:
+            for row in ds.iter_rows():
+                digests[row["block"]] = row["digests"]
+                draws += int(row["draws"])
+                nodes.add(row["node"])
+                bar.update(plan[row["block"]][1])
+        except Exception as exc:  # a user error raised inside a block comes back wrapped
+            cause = _user_error(exc)
+            if cause is None:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            raise cause from None
+        finally:
+            bar.close()
+            request_resources(bundles=[])  # back to scaling on demand
+        assert all(d is not None for d in digests)
 
-    manifest = {
-        "format": "raypd-dataset/1",
-        "raypd_version": __version__,
-        "settings": settings,
-        "n_actions": config.n_actions,
-        "samples": config.samples,
-        "seed": config.seed,
-        "ranges": {name: list(getattr(config, name)) for name in RANGE_FIELDS},
-        "time_span": list(config.time_span),
-        "time_points": config.times().tolist(),
-        "series_shape": [2 * config.n_actions, config.time_points],
-        "param_names": ode.param_names(config.n_actions),
-        "ic_names": ode.ic_names(config.n_actions),
-        "channel_names": ode.channel_names(config.n_actions),
-        "columns": {"sample_id": "int64", "params": "list<double>", "ic": "list<double>",
-                    "series": "list<float> (channel, time) row-major"},
-        "files": [{"path": _block_file(f, c), "first_sample_id": f, "rows": c} for f, c in plan],
-        "sampler": SAMPLER,
-        "content_hash": content_hash(b"".join(digests)),
-        "content_hash_method": "sha256 over the rows' 16-byte blake2b digests of "
-                               "(sample_id <i8, params <f8, ic <f8, series <f4), in sample_id order",
-        "draws": draws,
-        "acceptance": config.samples / draws,
-        "generation_seconds": round(time.perf_counter() - start, 3),
-        "generation_nodes": len(nodes),  # how many Ray nodes generated blocks (not content)
-    }
-    _publish(staging, out, manifest)
-    return manifest
+        manifest = {
+            "format": "raypd-dataset/1",
+            "raypd_version": __version__,
+            "settings": settings,
+            "n_actions": config.n_actions,
+            "samples": config.samples,
+            "seed": config.seed,
+            "ranges": {name: list(getattr(config, name)) for name in RANGE_FIELDS},
+            "time_span": list(config.time_span),
+            "time_points": config.times().tolist(),
+            "series_shape": [2 * config.n_actions, config.time_points],
+            "param_names": ode.param_names(config.n_actions),
+            "ic_names": ode.ic_names(config.n_actions),
+            "channel_names": ode.channel_names(config.n_actions),
+            "columns": {"sample_id": "int64", "params": "list<double>", "ic": "list<double>",
+                        "series": "list<float> (channel, time) row-major"},
+            "files": [{"path": _block_file(f, c), "first_sample_id": f, "rows": c} for f, c in plan],
+            "sampler": SAMPLER,
+            "content_hash": content_hash(b"".join(digests)),
+            "content_hash_method": "sha256 over the rows' 16-byte blake2b digests of "
+                                   "(sample_id <i8, params <f8, ic <f8, series <f4), in sample_id order",
+            "draws": draws,
+            "acceptance": config.samples / draws,
+            "generation_seconds": round(time.perf_counter() - start, 3),
+            "generation_nodes": len(nodes),  # how many Ray nodes generated blocks (not content)
+        }
+        _publish(staging, out, manifest)
+        return manifest
 
 
 def _prepare_staging(staging: Path, settings: dict, plan: list) -> None:

@@ -404,7 +404,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     check_shared(workdir.parent)
     import ray
 
-    fit(config, ray.put(data), workdir)
+    from raypd.lock import hold
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with hold(workdir / ".raypd.lock", f"training folder {workdir}"):  # one writer, also across nodes
+        fit(config, ray.put(data), workdir)
     best = workdir / "checkpoints" / "best"
     calibrate_best(best, dataset, data)
     y_pred = predict_inputs(best, data.inputs["test"])

@@ -29,11 +29,13 @@ from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
 from raypd.dataio import read_json
 from raypd.dataset import load_dataset, metrics, prepare, write_json
+from raypd.lock import hold
 from raypd.serve import TEST_SPLIT_FILE, VAL_SPLIT_FILE, write_test_split
 
 STUDIES = Path(__file__).resolve().parents[1] / "tune_configs"
 STUDY_FILE = "study.json"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".raypd.lock"  # held while a process writes the study (raypd.lock)
 
 
 # --------------------------------------------------------------------------- the space
@@ -256,7 +258,9 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         if (study_dir / SUMMARY_FILE).exists():
             summary = read_json(study_dir / SUMMARY_FILE, damaged)
             # a finished study: (re-)register its best model; a no-op when already registered
-            register_best(name, summary, tracking_uri or f"sqlite:///{root / 'mlflow.db'}", study_dir, quiet=True)
+            with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
+                register_best(name, summary, tracking_uri or f"sqlite:///{root / 'mlflow.db'}", study_dir,
+                              quiet=True)
             return summary
 
     init_ray(address)
@@ -272,49 +276,53 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     prepared = prepare(dataset, config.train)
     data_ref = ray.put(prepared)  # one copy in the object store for every trial
     study_dir.mkdir(parents=True, exist_ok=True)
-    write_json(study_dir / STUDY_FILE, resolved)
+    # one writer per study, also across the nodes that share ROOT (raypd.lock)
+    with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
+        if (study_dir / SUMMARY_FILE).exists():  # finished by another process meanwhile
+            return read_json(study_dir / SUMMARY_FILE)
+        write_json(study_dir / STUDY_FILE, resolved)
 
-    tracking_uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
-    tags = {"study": name, "content_hash": manifest["content_hash"], "data_seed": str(config.data.seed),
-            "raypd_version": __version__, "searcher": config.search.searcher}
-    if tracking_uri.startswith("sqlite:"):  # keep artifacts under ROOT, not in ./mlruns
-        from mlflow.tracking import MlflowClient
+        tracking_uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+        tags = {"study": name, "content_hash": manifest["content_hash"], "data_seed": str(config.data.seed),
+                "raypd_version": __version__, "searcher": config.search.searcher}
+        if tracking_uri.startswith("sqlite:"):  # keep artifacts under ROOT, not in ./mlruns
+            from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri)
-        if client.get_experiment_by_name(f"raypd-{name}") is None:
-            client.create_experiment(f"raypd-{name}", artifact_location=(root / "mlartifacts").as_uri())
-    trainable = tune.with_resources(make_trial(config, data_ref, study_dir, plan.use_gpu), plan.resources)
-    # A trial that fails (a lost node, a killed worker) is retried, continuing from its
-    # checkpoints in study_dir/trials/<id>.
-    run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
-                                failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-                                callbacks=[mlflow_callback(tracking_uri, name, tags)])
-    if tune.Tuner.can_restore(study_dir) and not list(study_dir.glob("experiment_state-*.json")):
-        # Tune writes tuner.pkl first and its experiment state (trials, searcher) a few
-        # seconds later: a study stopped in between has nothing to restore, and nothing of it
-        # has run to the end; Tuner.restore would fail ("no search space has been defined").
-        print(f"raypd.tune: study {name} in {study_dir} was stopped before Tune saved its state: "
-              "starting it afresh", file=sys.stderr)
-        discard_tune_state(study_dir, name)
-    if tune.Tuner.can_restore(study_dir):
-        print(f"resuming study {name} from {study_dir}", file=sys.stderr)
-        tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
-                           tune_config=tune_config(config, plan.concurrent, name, study_dir))
-    results, interrupted = fit_or_interrupted(tuner)
-    if interrupted:  # Tune stopped its trials and saved its state: the study is not done
-        raise KeyboardInterrupt
-    summary = summarise(config, name, results, prepared, study_dir, dataset)
-    finish_mlflow(tracking_uri, name, summary)
-    # report and predict --refine read these, not ROOT/data
-    for split, file in (("test", TEST_SPLIT_FILE), ("val", VAL_SPLIT_FILE)):
-        rows = np.searchsorted(dataset.sample_id, prepared.sample_ids[split])
-        write_test_split(study_dir / file, prepared.sample_ids[split], prepared.raw_targets[split],
-                         dataset.series[rows])
-    write_json(study_dir / SUMMARY_FILE, summary)
-    register_best(name, summary, tracking_uri, study_dir)
-    return summary
+            client = MlflowClient(tracking_uri)
+            if client.get_experiment_by_name(f"raypd-{name}") is None:
+                client.create_experiment(f"raypd-{name}", artifact_location=(root / "mlartifacts").as_uri())
+        trainable = tune.with_resources(make_trial(config, data_ref, study_dir, plan.use_gpu), plan.resources)
+        # A trial that fails (a lost node, a killed worker) is retried, continuing from its
+        # checkpoints in study_dir/trials/<id>.
+        run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
+                                    failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+                                    callbacks=[mlflow_callback(tracking_uri, name, tags)])
+        if tune.Tuner.can_restore(study_dir) and not list(study_dir.glob("experiment_state-*.json")):
+            # Tune writes tuner.pkl first and its experiment state (trials, searcher) a few
+            # seconds later: a study stopped in between has nothing to restore, and nothing of it
+            # has run to the end; Tuner.restore would fail ("no search space has been defined").
+            print(f"raypd.tune: study {name} in {study_dir} was stopped before Tune saved its state: "
+                  "starting it afresh", file=sys.stderr)
+            discard_tune_state(study_dir, name)
+        if tune.Tuner.can_restore(study_dir):
+            print(f"resuming study {name} from {study_dir}", file=sys.stderr)
+            tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
+                               tune_config=tune_config(config, plan.concurrent, name, study_dir))
+        results, interrupted = fit_or_interrupted(tuner)
+        if interrupted:  # Tune stopped its trials and saved its state: the study is not done
+            raise KeyboardInterrupt
+        summary = summarise(config, name, results, prepared, study_dir, dataset)
+        finish_mlflow(tracking_uri, name, summary)
+        # report and predict --refine read these, not ROOT/data
+        for split, file in (("test", TEST_SPLIT_FILE), ("val", VAL_SPLIT_FILE)):
+            rows = np.searchsorted(dataset.sample_id, prepared.sample_ids[split])
+            write_test_split(study_dir / file, prepared.sample_ids[split], prepared.raw_targets[split],
+                             dataset.series[rows])
+        write_json(study_dir / SUMMARY_FILE, summary)
+        register_best(name, summary, tracking_uri, study_dir)
+        return summary
 
 
 def fit_or_interrupted(tuner):

@@ -48,3 +48,18 @@ def free_ports(n: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    """The smoke study's dataset, generated once per module by the command a user runs; tests
+    copy it under their own ROOT (raypd.train.dataset_dir)."""
+    from raypd.config import load_config
+    from raypd.train import dataset_dir
+
+    smoke = load_config(str(REPO / "tune_configs" / "smoke.yaml"))
+    out = dataset_dir(smoke, tmp_path_factory.mktemp("data"))
+    result = run_cli("raypd.generate", "--samples", "600", "--mu-range", "0", "0", "--time-span", "0", "100",
+                     "--time-points", "101", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return out

@@ -24,16 +24,6 @@ STUDY = ["raypd.tune", "--study", "smoke"]
 STOPPED = "interrupted; run the same command again to continue where it stopped"
 
 
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    """The smoke study's dataset, generated once; each test copies it under its own ROOT."""
-    root = tmp_path_factory.mktemp("data")
-    result = run_cli("raypd.generate", "--samples", "600", "--mu-range", "0", "0", "--time-span", "0", "100",
-                     "--time-points", "101", "--out", str(dataset_dir(load_config(SMOKE), root)), "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return dataset_dir(load_config(SMOKE), root)
-
-
 def start(args, root: Path | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     extra = ["--root", str(root)] if root else []
