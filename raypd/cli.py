@@ -4,11 +4,13 @@ starting Ray."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,7 +47,54 @@ def run_main(prog: str, body: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        full = disk_full_cause(exc)  # also from a Ray task or worker, which wraps it
+        if full is None:
+            raise
+        print(f"{prog}: error: {disk_full_line(full)}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # no space, over quota, read-only
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The OSError of a full disk, an exceeded quota or a read-only file system that `exc` is
+    or wraps (Ray wraps a task's or a Train worker's exception, maybe several times)."""
+    seen, hops = exc, 0
+    while seen is not None and hops < 20:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return seen
+        for failure in (getattr(seen, "worker_failures", None) or {}).values():  # Ray Train's worker group
+            found = disk_full_cause(failure)
+            if found is not None:
+                return found
+        seen = seen.__cause__ or getattr(seen, "cause", None) or seen.__context__
+        hops += 1
+    # Ray Data's task errors reach the driver as text only (a UserCodeException without its
+    # cause): the OSError is in the remote traceback's last lines
+    found = re.findall(r"OSError: \[Errno (\d+)\] ([^:\n]+): '([^'\n]+)'", str(exc))
+    for number, strerror, filename in reversed(found):
+        if int(number) in DISK_FULL:
+            return OSError(int(number), strerror, filename)
+    return None
+
+
+def disk_full_line(exc: OSError) -> str:
+    """One line: which path, what happened, the space there; how to go on."""
+    import shutil
+
+    path = exc.filename or "?"
+    where = Path(path) if path != "?" else None
+    while where is not None and not where.exists() and where != where.parent:
+        where = where.parent
+    free = f"; {shutil.disk_usage(where).free / 2**20:.1f} MiB free there" if where is not None else ""
+    what = {errno.ENOSPC: "no space left on its device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "its file system is read-only"}[exc.errno]
+    needed = f", {exc.needed / 2**20:.1f} MiB needed" if getattr(exc, "needed", None) else ""
+    return (f"cannot write {path}: {what}{needed}{free}; free space (or choose another --out/--root) and run the "
+            "same command again to continue")
 
 
 _commands_stop_on_sigterm = False  # set by run_main: raypd's commands, not raypd used as a library

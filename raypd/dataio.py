@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,12 +84,29 @@ def list_column(values: np.ndarray, value_type):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel(), type=value_type))
 
 
+@contextmanager
+def naming(path):
+    """An OSError while writing `path` names it: a failed write() or close() (a full disk)
+    does not, and pyarrow's never does. raypd.cli turns a full disk into one line with it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
+
+
 def write_table_atomic(table, path: Path) -> None:
     """Write a Parquet file whole or not at all (temporary file, then rename)."""
     import pyarrow.parquet as pq
 
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    pq.write_table(table, tmp, compression="zstd")  # smaller and faster than snappy here
+    try:
+        with naming(path):
+            pq.write_table(table, tmp, compression="zstd")  # smaller and faster than snappy here
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: leave nothing half-written
+        raise
     os.replace(tmp, path)
 
 

@@ -285,6 +285,14 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """Written whole or not at all (temporary file, then rename)."""
+    from raypd.dataio import naming
+
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    try:
+        with naming(path):
+            tmp.write_text(json.dumps(payload, indent=1))
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)

@@ -11,6 +11,7 @@ Each worker trains on its own slice of every epoch's permutation; DDP averages g
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ import numpy as np
 
 from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
 from raypd.config import Config, TrainConfig, from_dict, load_config, to_dict
+from raypd.dataio import naming
 from raypd.dataset import Prepared, load_dataset, metrics, prepare, write_json
 from raypd.serve import CHECKPOINT_FILE, model_meta
 
@@ -261,11 +263,20 @@ def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: b
     import torch
 
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "meta": meta}
+    # serialised in memory, then written: on a full disk torch.save fails with "unexpected pos
+    # 64 vs 0", a write with ENOSPC naming the file (raypd.cli: one line)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     for name in ("last", "best") if best else ("last",):
         tmp = checkpoint_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save(payload, tmp / CHECKPOINT_FILE)
+        try:
+            with naming(tmp / CHECKPOINT_FILE):
+                (tmp / CHECKPOINT_FILE).write_bytes(buffer.getbuffer())
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # the last good checkpoint stays as it was
+            raise
         old = checkpoint_dir / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
         if (checkpoint_dir / name).exists():
