@@ -1,7 +1,7 @@
 """Refinement through the ODE (raypd.refine): accuracy, intervals and speed, for a trained run.
 
     python -m raypd.train --config tune_configs/base.yaml --out runs/train/n1 --set ...   # first
-    python benchmarks/bench_refine.py --run runs/train/n1 [--test 1500] [--sizes 100 400]
+    python benchmarks/bench_refine.py --run runs/train/n1 [--data DIR] [--test 1500] [--sizes 100 400]
 
 Prints, for the run's test split (the first --test series), clean and with 2% Gaussian
 observation noise: the model-only and refined test MSE (raw units, all targets), the share
@@ -59,6 +59,8 @@ def baseline_fit(observed, start, problem):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a raypd.train output folder (metrics.json, checkpoints/best)")
+    p.add_argument("--data", help="refine the first --test series of this dataset (the run's settings, another "
+                                  "seed: series nothing was tuned on) instead of the run's test split")
     p.add_argument("--test", type=int, default=1500, help="test series refined for the accuracy table")
     p.add_argument("--sizes", type=int, nargs=2, default=[100, 400], help="series for the differenced timing")
     p.add_argument("--baseline", type=int, default=40, help="series fitted by the finite-difference baseline")
@@ -96,14 +98,24 @@ def main() -> None:
     print(f"refined calibration: {len(val)} validation series x {len(calibration['noise_levels'])} noise levels in "
           f"{time.perf_counter() - started:.1f} s; identified {np.round(calibration['identified'], 3).tolist()}")
 
-    test = rows["test"][: args.test]
+    test_ids = split["test"][: args.test]
+    if args.data:  # fresh series: the run's settings, another seed
+        fresh = load_dataset(args.data)
+        theirs = {k: v for k, v in fresh.manifest["settings"].items() if k not in ("seed", "samples")}
+        ours = {k: v for k, v in dataset.manifest["settings"].items() if k not in ("seed", "samples")}
+        assert theirs == ours and fresh.manifest["seed"] != dataset.manifest["seed"], "not the run's settings"
+        targets, series, test_ids = fresh.targets, fresh.series, fresh.sample_id[: args.test]
+        test = np.arange(min(args.test, len(fresh.sample_id)))
+        print(f"test series: the first {len(test)} of {args.data} (seed {fresh.manifest['seed']})")
+    else:
+        test = rows["test"][: args.test]
     rng = np.random.default_rng(2024)
     table = {}
     for kind, noise in (("clean", 0.0), ("2% noise", 0.02)):
         observed = add_noise(series[test], noise, rng)
         started = time.perf_counter()
         out = refine_with_intervals([model], observed, problem, calibration, DEFAULT_LEVEL,
-                                    seeds=split["test"][: args.test], progress=False)
+                                    seeds=test_ids, progress=False)
         seconds = time.perf_counter() - started
         estimate, lower, upper = out["model_estimate"], out["model_lower"], out["model_upper"]
         r_lower, r_upper = out["lower"], out["upper"]
@@ -124,7 +136,7 @@ def main() -> None:
 
     if not args.no_timing:
         small, large = args.sizes
-        clean = series[rows["test"]][:large].astype(np.float64)
+        clean = dataset.series[rows["test"]][:large].astype(np.float64)
         starts = model.predict(clean)[:, None, :]
         walls = {}
         for size in (small, large):

@@ -67,15 +67,17 @@ def nearest_bin(noise: np.ndarray, noise_levels) -> np.ndarray:
     return np.abs(np.asarray(noise, dtype=np.float64)[:, None] - levels[None, :]).argmin(axis=1)
 
 
-def half_widths(calibration: dict, noise: np.ndarray, level: float) -> np.ndarray:
-    """(N, q) quantile per series (its noise bin) and target at `level` (the grid level at or
-    just above it)."""
-    level = check_level(level)
+def level_index(calibration: dict, level: float) -> int:
+    """The position in the calibration's level grid of `level`, or of the grid level just
+    above it (an interval is never narrower than asked)."""
     grid = np.asarray(calibration["levels"])
-    at = int(np.searchsorted(grid, level - 1e-12))
-    at = min(at, len(grid) - 1)
+    return min(int(np.searchsorted(grid, check_level(level) - 1e-12)), len(grid) - 1)
+
+
+def half_widths(calibration: dict, noise: np.ndarray, level: float) -> np.ndarray:
+    """(N, q) quantile per series (its noise bin) and target at `level`."""
     table = np.asarray(calibration["quantiles"], dtype=np.float64)  # (bins, levels, q)
-    return table[nearest_bin(noise, calibration["noise_levels"]), at]
+    return table[nearest_bin(noise, calibration["noise_levels"]), level_index(calibration, level)]
 
 
 def calibrate_model(predict, series: np.ndarray, targets: np.ndarray, seed: int = 0,

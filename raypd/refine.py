@@ -35,7 +35,6 @@ CPUs share them and the dashboard shows `MapBatches(refine_block)` tasks.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +44,8 @@ from raypd import ode
 IDENTIFIED_RESIDUAL = 1e-4  # relative RMS residual that counts as an exact fit of a clean series
 NOISE_FACTOR = 1.3  # a noisy series is explained when its residual is within this of its noise
 RESTARTS = 8  # perturbed restarts after the given starts
-MAX_NFEV = 60  # residual evaluations per start
+MAX_NFEV = 60  # residual evaluations per least-squares fit
+WINDOWS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # continuation: the first 32nd of the series, then a 16th, ...
 WHITE_LAGS, WHITE_CHI2 = 5, 20.5  # a residual is noise-like below chi2(5)'s 0.999 quantile (white)
 RANK_TOLERANCE = 1e-8  # smallest singular value of the scaled Jacobian, relative to the largest
 MAX_BLOCK_SIZE = 256  # series per Ray Data task
@@ -105,9 +105,6 @@ class Fit:
     identified: bool
     starts: int  # starts tried
     se: np.ndarray  # (q,) Gauss-Newton standard errors (NaN where not identified; 0 for fixed targets)
-
-
-WINDOWS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # continuation: the first 32nd of the series, then a 16th, ...
 
 
 def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, restarts: int = RESTARTS,
@@ -312,13 +309,6 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
     return out
 
 
-def print_line(result: dict, file=sys.stderr) -> None:
-    count = len(result["residual"])
-    share = result["identified"].mean() if count else 0.0
-    print(f"raypd.refine: {count} series, {share:.1%} identified, {result['starts'].mean() if count else 0:.2f} "
-          "starts per series", file=file)
-
-
 # --------------------------------------------------------------------------- intervals
 
 CALIBRATION_SERIES = 1000  # held-out series (per noise level) that calibrate the refined intervals
@@ -359,14 +349,13 @@ def unidentified_half_widths(calibration: dict, noise: np.ndarray, level: float,
     """Half-widths of the model-only intervals of series refinement did not identify: the
     calibration's quantiles for such series (per noise level) where it had enough of them
     (MIN_FALLBACK_SERIES), else the model's own (model_widths)."""
-    from raypd.intervals import nearest_bin
+    from raypd.intervals import level_index, nearest_bin
 
     out = model_widths.copy()
     tables = calibration.get("unidentified_quantiles") or []
     if not tables:
         return out
-    grid = np.asarray(calibration["levels"])
-    at = min(int(np.searchsorted(grid, level - 1e-12)), len(grid) - 1)
+    at = level_index(calibration, level)
     bins = nearest_bin(noise, calibration["noise_levels"])
     for i, b in enumerate(bins):
         if tables[b] is not None:
