@@ -20,7 +20,6 @@ import json
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,13 +43,12 @@ def epoch_study(root: Path, name: str, epochs: int, ray_logging: bool) -> float:
     config = load_config(SMOKE, ["data.samples=600", f"train.epochs={epochs}", "train.patience=1000",
                                  "search.num_samples=1", "search.scheduler=fifo", "train.num_workers=0"])
     made = raypd.tune.mlflow_callback
-    if ray_logging:  # the baseline: Ray's own log_trial_result on the same callback
+    if ray_logging:  # the baseline: Ray's own MLflowLoggerCallback
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        def stock(*args, **kwargs):
-            callback = made(*args, **kwargs)
-            callback.log_trial_result = types.MethodType(MLflowLoggerCallback.log_trial_result, callback)
-            return callback
+        def stock(tracking_uri, study_name, tags):
+            return MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=f"raypd-{study_name}", tags=tags,
+                                        save_artifact=False)
 
         raypd.tune.mlflow_callback = stock
     try:

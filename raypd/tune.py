@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -177,50 +178,132 @@ def make_trial(study: Config, data_ref, study_dir: Path, use_gpu: bool):
     return trial
 
 
+TRACKING_WAIT_SECONDS = 600.0  # at a study's end, how long results wait for a tracking server that went away
+
+
+def _mlflow_down_errors() -> tuple:
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+
+    return (MlflowException, RequestException, OSError)
+
+
+def _flat_params(config: dict) -> dict:
+    from ray.tune.utils import flatten_dict
+
+    return {key: str(value)[:6000] for key, value in flatten_dict(config, delimiter="/").items()}
+
+
 def mlflow_callback(tracking_uri: str, study_name: str, tags: dict):
-    """MLflowLoggerCallback with one run per trial: a resumed trial finds its run again."""
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    """The study's MLflow logging: a Tune LoggerCallback (defined here, so that importing
+    raypd.tune does not import Ray Tune)."""
+    from ray.tune.logger import LoggerCallback
 
-    class OneRunPerTrial(MLflowLoggerCallback):
+    class MlflowTrials(LoggerCallback):
+        """One MLflow run per trial (a resumed trial finds its run again by its trial_id tag), the
+        trial's sampled values as parameters, every result as one log_batch, and the run ended
+        FINISHED or FAILED with the trial.
+
+        A tracking server that goes away (a restart of the head's MLflow, a network blip) does not
+        stop the study: what it could not take waits in an outbox, in order, with the time it
+        happened, and is sent as soon as it answers again (tried with every later result, and at
+        the study's end for up to TRACKING_WAIT_SECONDS). One result is one database transaction:
+        Ray's MLflowLoggerCallback made one call per metric (~8 ms each on SQLite), and while the
+        driver logs, every trial waits for its next report to be collected (0.14 s wall per 0.05 s
+        epoch before)."""
+
+        def __init__(self, tracking_uri: str, experiment_name: str, tags: dict):
+            self.tracking_uri, self.experiment_name, self.tags = tracking_uri, experiment_name, tags
+            self.outbox: list[tuple] = []
+            self.runs: dict[str, str] = {}  # trial_id -> run_id
+            self.down_since: float | None = None
+            self.experiment_id: str | None = None
+
+        def _client(self):
+            from mlflow.tracking import MlflowClient
+
+            return MlflowClient(self.tracking_uri)  # cheap: MLflow keeps one store per URI
+
         def log_trial_start(self, trial):
-            if trial not in self._trial_runs:
-                from mlflow.tracking import MlflowClient
-
-                found = MlflowClient(tracking_uri).search_runs(
-                    [self.mlflow_util.experiment_id], filter_string=f"tags.trial_id = '{trial.trial_id}'")
-                if found:
-                    self._trial_runs[trial] = found[0].info.run_id
-                    MlflowClient(tracking_uri).update_run(found[0].info.run_id, status="RUNNING")
-                else:
-                    run = self.mlflow_util.start_run(
-                        tags={**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id},
-                        run_name=str(trial))
-                    self._trial_runs[trial] = run.info.run_id
-            super().log_trial_start(trial)
+            self._send("start", trial.trial_id, str(trial), _flat_params(trial.config))
 
         def log_trial_result(self, iteration, trial, result):
-            # One database transaction per result: Ray's callback logs each of the ~15
-            # metrics with its own call (~8 ms each on SQLite), and while the driver logs,
-            # every trial waits for its next report to be collected (0.14 s wall per
-            # 0.05 s epoch before this).
             from mlflow.entities import Metric
-            from mlflow.tracking import MlflowClient
             from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
             from ray.tune.utils import flatten_dict
 
             step = result.get(TIMESTEPS_TOTAL) or result[TRAINING_ITERATION]
-            now = int(time.time() * 1000)
+            now = int(time.time() * 1000)  # when it happened, not when it is sent
             metrics = []
             for key, value in flatten_dict(result).items():
                 try:
                     metrics.append(Metric(key, float(value), now, step))
                 except (TypeError, ValueError):  # as Ray's callback: only what converts to float
                     continue
-            # a client per call is cheap: MLflow keeps one store per tracking URI
-            MlflowClient(tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
+            self._send("metrics", trial.trial_id, metrics)
 
-    return OneRunPerTrial(tracking_uri=tracking_uri, experiment_name=f"raypd-{study_name}", tags=tags,
-                          save_artifact=False)
+        def log_trial_end(self, trial, failed: bool = False):
+            self._send("end", trial.trial_id, "FAILED" if failed else "FINISHED")
+
+        def on_experiment_end(self, trials, **info):
+            self.flush(wait=TRACKING_WAIT_SECONDS)
+            if self.outbox:
+                raise ValueError(f"the MLflow tracking server at {self.tracking_uri} has not answered for "
+                                 f"{time.monotonic() - self.down_since:.0f} s: {len(self.outbox)} results of this study "
+                                 "are not recorded there (its trials finished; their checkpoints are in the study folder)")
+
+        def _send(self, *operation) -> None:
+            self.outbox.append(operation)
+            self.flush()
+
+        def flush(self, wait: float = 0.0) -> None:
+            deadline = time.monotonic() + wait
+            while self.outbox:
+                try:
+                    self._apply(*self.outbox[0])
+                except _mlflow_down_errors() as exc:
+                    if self.down_since is None:
+                        self.down_since = time.monotonic()
+                        print(f"raypd.tune: the MLflow tracking server at {self.tracking_uri} does not answer "
+                              f"({type(exc).__name__}); the study goes on and its results wait to be sent",
+                              file=sys.stderr)
+                    if time.monotonic() >= deadline:
+                        return
+                    time.sleep(2.0)
+                    continue
+                self.outbox.pop(0)
+                if self.down_since is not None:
+                    print(f"raypd.tune: the MLflow tracking server at {self.tracking_uri} answers again after "
+                          f"{time.monotonic() - self.down_since:.0f} s; sending the results that waited", file=sys.stderr)
+                    self.down_since = None
+
+        def _apply(self, kind: str, trial_id: str, *payload) -> None:
+            client = self._client()
+            if self.experiment_id is None:
+                experiment = client.get_experiment_by_name(self.experiment_name)
+                self.experiment_id = (experiment.experiment_id if experiment else
+                                      client.create_experiment(self.experiment_name))
+            if kind == "start":
+                name, params = payload
+                if trial_id not in self.runs:
+                    found = client.search_runs([self.experiment_id], filter_string=f"tags.trial_id = '{trial_id}'")
+                    if found:
+                        self.runs[trial_id] = found[0].info.run_id
+                    else:
+                        run = client.create_run(self.experiment_id, run_name=name,
+                                                tags={**self.tags, "trial_name": name, "trial_id": trial_id})
+                        self.runs[trial_id] = run.info.run_id
+                run_id = self.runs[trial_id]
+                client.update_run(run_id, status="RUNNING")
+                from mlflow.entities import Param
+
+                client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            elif kind == "metrics":
+                client.log_batch(self.runs[trial_id], metrics=payload[0])
+            else:
+                client.set_terminated(self.runs[trial_id], status=payload[0])
+
+    return MlflowTrials(tracking_uri, f"raypd-{study_name}", tags)
 
 
 # --------------------------------------------------------------------------- the study
@@ -283,6 +366,11 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         write_json(study_dir / STUDY_FILE, resolved)
 
         tracking_uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+        if tracking_uri.split(":", 1)[0] in ("http", "https"):
+            # a call to a server that went away fails at once (MLflow's default: 7 retries,
+            # minutes of backoff, while every trial waits): the results wait in the outbox
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         tags = {"study": name, "content_hash": manifest["content_hash"], "data_seed": str(config.data.seed),
                 "raypd_version": __version__, "searcher": config.search.searcher}
         if tracking_uri.startswith("sqlite:"):  # keep artifacts under ROOT, not in ./mlruns
