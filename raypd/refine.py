@@ -48,6 +48,7 @@ MAX_NFEV = 60  # residual evaluations per least-squares fit
 WINDOWS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # continuation: the first 32nd of the series, then a 16th, ...
 WHITE_LAGS, WHITE_CHI2 = 5, 20.5  # a residual is noise-like below chi2(5)'s 0.999 quantile (white)
 RANK_TOLERANCE = 1e-8  # smallest singular value of the scaled Jacobian, relative to the largest
+WEAK = 1e-3  # a target whose range moves the residual less than this (relative) is not determined
 MAX_BLOCK_SIZE = 256  # series per Ray Data task
 MIN_BLOCK_SIZE = 8
 BLOCKS_PER_CPU = 8
@@ -173,10 +174,7 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
                 break
         if best_x is not None and explains(best_x, best_rms):
             break
-    theta = base.copy()
-    if best_x is not None:
-        theta[free] = best_x
-    se = np.full(theta.size, np.nan)
+    se = np.full(base.size, np.nan)
     identified = False
     if best_x is not None and explains(best_x, best_rms):
         r, J = whole(best_x)
@@ -187,6 +185,25 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
             cov = (vt.T / singular**2) @ vt * (float(r @ r) / dof)  # s^2 (J^T J)^-1
             se[free] = np.sqrt(np.diag(cov))
             se[~free] = 0.0
+        else:
+            # The series fixes some targets and says (next to) nothing of others: v(0), g and
+            # Pi while the desire stays below mu, Pi and Gamma while the effort stays at 0.
+            # Where the optimiser left those is arbitrary (v(0) = 0 fits a desire that never
+            # shows as well as -4 does); the model's estimate has seen many such series. Each
+            # target whose whole range moves the residual less than WEAK of what the most
+            # telling one does takes the model's value, one at a time, while the fit holds.
+            reach = np.linalg.norm(J, axis=0) * (hi - lo)
+            for j in np.argsort(reach):
+                if reach[j] > WEAK * reach.max():
+                    break
+                candidate = best_x.copy()
+                candidate[j] = min(max(base[free][j], lo[j]), hi[j])
+                rms = rms_of(candidate)
+                if explains(candidate, rms):
+                    best_rms, best_x = rms, candidate
+    theta = base.copy()
+    if best_x is not None:
+        theta[free] = best_x
     return Fit(estimate=theta, residual=best_rms, identified=identified, starts=tried, se=se)
 
 
