@@ -271,6 +271,20 @@ def tracking(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+def registered_version(study: str, summary: dict, tracking_uri: str) -> tuple[int | None, str]:
+    """(the latest version of raypd-<study> if it holds the study's best checkpoint (its tag
+    checkpoint_sha256), else None; that checkpoint's digest). Reads only."""
+    from mlflow.tracking import MlflowClient
+
+    digest = file_digest(Path(summary["best_checkpoint"]) / CHECKPOINT_FILE)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    versions = client.search_model_versions(f"name = '{registered_name(study)}'")
+    latest = max(versions, key=lambda v: int(v.version), default=None)
+    if latest is not None and latest.tags.get("checkpoint_sha256") == digest:
+        return int(latest.version), digest
+    return None, digest
+
+
 def log_and_register(study: str, summary: dict, tracking_uri: str, test_split: Path | None = None) -> dict | None:
     """Log the study's best model to the best trial's MLflow run as a pyfunc model (from code:
     raypd/mlflow_model.py, no pickle) with a signature and an input example (the first series
@@ -284,14 +298,11 @@ def log_and_register(study: str, summary: dict, tracking_uri: str, test_split: P
     if not summary.get("best_checkpoint"):
         return None
     checkpoint = Path(summary["best_checkpoint"])
-    digest = file_digest(checkpoint / CHECKPOINT_FILE)
     name = registered_name(study)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    versions = client.search_model_versions(f"name = '{name}'")
-    latest = max(versions, key=lambda v: int(v.version), default=None)
-    if latest is not None and latest.tags.get("checkpoint_sha256") == digest:
-        return {"name": name, "version": int(latest.version), "model_uri": f"models:/{name}/{latest.version}",
-                "new": False}
+    latest, digest = registered_version(study, summary, tracking_uri)
+    if latest is not None:
+        return {"name": name, "version": latest, "model_uri": f"models:/{name}/{latest}", "new": False}
     model = SavedModel.load(checkpoint)
     experiment = client.get_experiment_by_name(f"raypd-{study}")
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_id = '{summary['best_trial_id']}'",

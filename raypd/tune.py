@@ -340,10 +340,12 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
                              "use another --root (or remove that folder) to start afresh")
         if (study_dir / SUMMARY_FILE).exists():
             summary = read_json(study_dir / SUMMARY_FILE, damaged)
-            # a finished study: (re-)register its best model; a no-op when already registered
-            with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
-                register_best(name, summary, tracking_uri or f"sqlite:///{root / 'mlflow.db'}", study_dir,
-                              quiet=True)
+            # a finished study: (re-)register its best model; nothing is written (not even the
+            # lock) when it is registered already
+            uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+            if not already_registered(name, summary, uri):
+                with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
+                    register_best(name, summary, uri, study_dir, quiet=True)
             return summary
 
     init_ray(address)
@@ -447,6 +449,21 @@ def discard_tune_state(study_dir: Path, name: str) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def already_registered(name: str, summary: dict, tracking_uri: str) -> bool:
+    """Whether there is nothing to register: no best model, or its latest registered version
+    holds this best checkpoint (a read of the store, which must exist)."""
+    from raypd.serve import registered_version
+
+    if not summary.get("best_checkpoint"):
+        return True
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return False  # register_best says why it does not register
+    try:
+        return registered_version(name, summary, tracking_uri)[0] is not None
+    except (OSError, ValueError):  # a missing or damaged checkpoint: register_best says so
+        return False
 
 
 def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, quiet: bool = False) -> None:

@@ -136,7 +136,10 @@ def test_predict_refine_fits_each_series_and_gives_intervals(study, tmp_path):
             assert ((lower[identified] <= centre[identified]) & (centre[identified] <= upper[identified])).all()
         else:
             assert ((lower <= centre) & (centre <= upper)).all()
-    np.testing.assert_array_equal(both("refined_lower")[~identified], both("lower")[~identified])
+    # not identified: an interval around the model's estimate (calibrated on the calibration
+    # series refinement did not identify either, or the model-only one where those were few)
+    middle = 0.5 * (both("refined_lower") + both("refined_upper"))
+    np.testing.assert_allclose(middle[~identified], model[~identified], atol=1e-9)
 
 
 @pytest.mark.parametrize("level", ["1.5", "0", "-0.2", "nan"])
