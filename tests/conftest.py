@@ -19,6 +19,21 @@ def ray_local():
     ray.shutdown()
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """End a process the test started in its own session: SIGTERM to its group, SIGKILL if it
+    lingers (never anything by name)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
 def run_cli(*args, cwd=None, env=None, timeout=300):
     """Run `python -m ...` as a user would; never joins a cluster outside this test."""
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

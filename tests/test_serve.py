@@ -5,7 +5,6 @@ and `mlflow models serve` and mlflow.pyfunc answer as raypd.predict does."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from raypd.report import make_report
 from raypd.serve import SavedModel, file_digest
 from raypd.train import dataset_dir
 from raypd.tune import register_best, run_study
-from tests.conftest import REPO, free_port, run_cli, snapshot
+from tests.conftest import REPO, free_port, run_cli, snapshot, stop_group
 
 SMOKE = str(REPO / "tune_configs" / "smoke.yaml")
 N = 5  # series sent to the served model
@@ -267,14 +266,7 @@ def served(study, tmp_path):
             time.sleep(0.5)
         yield port
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        stop_group(proc, timeout=20)
         log.close()
 
 

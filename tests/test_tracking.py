@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from raypd.config import load_config
 from raypd.train import dataset_dir
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_group
 
 SMOKE = str(REPO / "tune_configs" / "smoke.yaml")
 
@@ -41,17 +41,6 @@ def mlflow_server(store: Path, port: int, log: Path) -> subprocess.Popen:
             time.sleep(0.3)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 @pytest.mark.slow
 def test_a_study_outlives_a_tracking_server_restart(smoke_data, tmp_path):
     store = tmp_path / "mlflow"
@@ -72,7 +61,7 @@ def test_a_study_outlives_a_tracking_server_restart(smoke_data, tmp_path):
         while not list(trials.glob("*/checkpoints/last/state.pt")):
             assert study.poll() is None and time.time() < deadline, study.stderr.read()[-2000:]
             time.sleep(0.05)
-        stop(server)  # the tracking server goes away while the first trials run ...
+        stop_group(server)  # the tracking server goes away while the first trials run ...
         time.sleep(8)
         assert study.poll() is None  # ... and the study goes on
         server = mlflow_server(store, port, tmp_path / "server.log")  # back, same store
@@ -95,4 +84,4 @@ def test_a_study_outlives_a_tracking_server_restart(smoke_data, tmp_path):
     finally:
         if study.poll() is None:
             os.killpg(study.pid, signal.SIGKILL)
-        stop(server)
+        stop_group(server)
