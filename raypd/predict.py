@@ -152,10 +152,16 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
         raise ValueError(f"{input_path}: {exc}") from None
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a folder; it must be a .parquet file")
-    if model.calibration is None:
+    if model.calibration is None and refine:
         raise ValueError(f"{checkpoint}: the study's best model has no interval calibration (an older raypd "
-                         "ran the study): re-run it with this raypd, under another --root")
-    y_pred, lower, upper = model.predict_with_intervals(series, level)
+                         "ran the study): re-run it with this raypd, under another --root, to refine")
+    if model.calibration is None:  # a study of an older raypd: its estimates, without intervals
+        print(f"raypd.predict: {checkpoint} has no interval calibration (an older raypd ran the study): "
+              "estimates without intervals", file=sys.stderr)
+        y_pred = model.predict(series)
+        lower = upper = None
+    else:
+        y_pred, lower, upper = model.predict_with_intervals(series, level)
     resim = resimulate(y_pred, times, n)
     n_p = ode.num_params(n)
 
@@ -165,8 +171,9 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
                 f"ic_{name}": list_column(values[:, n_p:], pa.float64())}
 
     columns = {"sample_id": pa.array(ids, type=pa.int64()), **split("pred", y_pred),
-               "series_resim": list_column(resim.astype(np.float32), pa.float32()),
-               **split("lower", lower), **split("upper", upper)}
+               "series_resim": list_column(resim.astype(np.float32), pa.float32())}
+    if lower is not None:
+        columns.update({**split("lower", lower), **split("upper", upper)})
     result = {"series": len(ids), "out": str(out), "diverged": int(np.isnan(resim).any(axis=(1, 2)).sum())}
     if refine:
         from raypd.refine import FitProblem, refine_with_intervals

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,15 +174,22 @@ def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4, a
         "contour.png": "The search space: validation loss",
     }
     metrics = test_metrics(y_true, y_pred, model.target_names)
-    summary["refined"] = refined_test(config, summary, study_dir, model, series, y_true, test_ids, times,
-                                      address=address)
+    if model.calibration is None:  # a study of an older raypd: no intervals to refine with
+        print(f"raypd.report: {checkpoint} has no interval calibration (an older raypd ran the study): the test "
+              "split is not refined", file=sys.stderr)
+        summary["refined"] = None
+        del pictures["intervals.png"]
+    else:
+        summary["refined"] = refined_test(config, summary, study_dir, model, series, y_true, test_ids, times,
+                                          address=address)
     curves(summary, study_dir, study_dir / "curves.png")
     true_vs_predicted(model.target_names, y_true, y_pred, metrics, study_dir / "true_vs_predicted.png")
     shown = np.arange(min(samples_shown, len(test_ids)))
     resimulated(times, series[shown], resim[shown], test_ids[shown], ode.channel_names(config.data.n_actions),
                 study_dir / "resimulated.png")
     space_plots(summary, study_dir / "parallel_coordinates.png", study_dir / "contour.png")
-    interval_plot(model.target_names, y_true, summary["refined"]["shown"], study_dir / "intervals.png")
+    if summary["refined"] is not None:
+        interval_plot(model.target_names, y_true, summary["refined"]["shown"], study_dir / "intervals.png")
 
     def number(value, fmt):
         return "" if value is None else format(value, fmt)
@@ -195,12 +203,13 @@ def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4, a
         f"<td>{number(m['r2'], '.3f') or 'constant'}</td></tr>"
         for name, m in metrics["per_target"].items())
     resim_text = (f"{summary['resimulation_mse']:.4g}" if summary["resimulation_mse"] is not None else "n/a")
-    refined_rows = "".join(
+    refined = summary["refined"]
+    refined_rows = "" if refined is None else "".join(
         f"<tr><td>{html.escape(kind)}</td><td>{r['model_mse']:.4g}</td><td>{r['refined_mse']:.4g}</td>"
         f"<td>{r['identified']:.1%}</td><td>{r['coverage_model']['all']:.1%}</td>"
         f"<td>{r['coverage_refined']['all']:.1%}</td></tr>"
-        for kind, r in ((k, summary["refined"][k]) for k in ("clean", "noise_2pct")))
-    coverage_rows = "".join(
+        for kind, r in ((k, refined[k]) for k in ("clean", "noise_2pct")))
+    coverage_rows = "" if refined is None else "".join(
         f"<tr><td>{html.escape(name)}</td>" + "".join(
             f"<td>{number(summary['refined'][k][c]['per_target'][name], '.1%')}</td>"
             for k in ("clean", "noise_2pct") for c in ("coverage_model", "coverage_refined")) + "</tr>"
@@ -217,14 +226,7 @@ test MSE {metrics['mse']:.4f} (raw units), R² {number(metrics['r2'], '.3f') or 
 ({summary['resimulation_diverged']} of {len(test_ids)} re-simulations diverged).</p>
 <h2>Best model, per target (test split, raw units)</h2>
 <table><tr><th>target</th><th>MSE</th><th>MAE</th><th>R²</th></tr>{per_target}</table>
-<h2>Refined through the ODE (test split, raw units; {summary['refined']['level']:.0%} intervals)</h2>
-<p>Each test series fitted by least squares through the ODE from the model's estimate (raypd.refine); identified:
-fitted to its noise level with every free target determined. 2% noise: Gaussian, 2% of each channel's std.</p>
-<table><tr><th>series</th><th>model MSE</th><th>refined MSE</th><th>identified</th><th>coverage, model-only</th>
-<th>coverage, refined</th></tr>{refined_rows}</table>
-<h3>Coverage per target</h3>
-<table><tr><th>target</th><th>clean, model-only</th><th>clean, refined</th><th>2% noise, model-only</th>
-<th>2% noise, refined</th></tr>{coverage_rows}</table>
+{refined_section(refined, refined_rows, coverage_rows)}
 {images}
 <h2>Trials</h2><table><tr><th>trial</th><th>status</th><th>epochs</th><th>best val_loss</th><th>config</th></tr>{rows}</table>
 </body></html>"""
@@ -236,6 +238,20 @@ fitted to its noise level with every free target determined. 2% noise: Gaussian,
 
 
 SHOWN = 30  # test series in the intervals picture
+
+
+def refined_section(refined: dict | None, refined_rows: str, coverage_rows: str) -> str:
+    if refined is None:
+        return ("<h2>Refined through the ODE</h2><p>Not refined: the best model has no interval calibration "
+                "(an older raypd ran the study; re-run it with this raypd).</p>")
+    return f"""<h2>Refined through the ODE (test split, raw units; {refined['level']:.0%} intervals)</h2>
+<p>Each test series fitted by least squares through the ODE from the model's estimate (raypd.refine); identified:
+fitted to its noise level with every free target determined. 2% noise: Gaussian, 2% of each channel's std.</p>
+<table><tr><th>series</th><th>model MSE</th><th>refined MSE</th><th>identified</th><th>coverage, model-only</th>
+<th>coverage, refined</th></tr>{refined_rows}</table>
+<h3>Coverage per target</h3>
+<table><tr><th>target</th><th>clean, model-only</th><th>clean, refined</th><th>2% noise, model-only</th>
+<th>2% noise, refined</th></tr>{coverage_rows}</table>"""
 
 
 def refined_test(config, summary: dict, study_dir: Path, model, series: np.ndarray, y_true: np.ndarray,
@@ -316,6 +332,8 @@ def log_to_mlflow(root: Path, study: str, summary: dict, files: list[Path]) -> N
                                   filter_string=f"tags.trial_id = '{summary['best_trial_id']}'"):
         for path in files:
             client.log_artifact(run.info.run_id, str(path), artifact_path="report")
+        if summary["refined"] is None:
+            continue
         now = int(__import__("time").time() * 1000)
         values = {f"{kind}_{key}": summary["refined"][kind][key] for kind in ("clean", "noise_2pct")
                   for key in ("model_mse", "refined_mse", "identified")}

@@ -142,6 +142,42 @@ def test_predict_refine_fits_each_series_and_gives_intervals(study, tmp_path):
     np.testing.assert_allclose(middle[~identified], model[~identified], atol=1e-9)
 
 
+def test_a_study_of_an_older_raypd_still_predicts_without_intervals(study, tmp_path):
+    """A best checkpoint without the interval calibration (raypd before intervals): predict
+    gives its estimates and says there are no intervals, report leaves refinement out; --refine,
+    which needs them, is exit 2."""
+    import shutil
+
+    import torch
+
+    root, config = study
+    shutil.copytree(root / "tune" / "smoke", tmp_path / "tune" / "smoke")
+    summary = json.loads((tmp_path / "tune" / "smoke" / "summary.json").read_text())
+    state = tmp_path / "tune" / "smoke" / "trials" / summary["best_trial_id"] / "checkpoints" / "best" / "state.pt"
+    payload = torch.load(state, weights_only=True)
+    del payload["meta"]["intervals"]
+    torch.save(payload, state)
+    data = str(dataset_dir(config, root))
+    result = run_cli("raypd.predict", "--study", "smoke", "--root", str(tmp_path), "--input", data,
+                     "--out", str(tmp_path / "p.parquet"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "has no interval calibration (an older raypd ran the study): estimates without intervals" in result.stderr
+    columns = pq.read_table(tmp_path / "p.parquet").column_names
+    assert "params_pred" in columns and "params_lower" not in columns
+    before = snapshot(tmp_path)
+    result = run_cli("raypd.predict", "--study", "smoke", "--root", str(tmp_path), "--input", data,
+                     "--out", str(tmp_path / "r.parquet"), "--refine", timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "no interval calibration" in lines[0], result.stderr
+    assert snapshot(tmp_path) == before
+    # and its report, without the refined section
+    result = run_cli("raypd.report", "--study", "smoke", "--root", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the test split is not refined" in result.stderr
+    assert "Not refined: the best model has no interval calibration" in (tmp_path / "tune" / "smoke" / "report.html").read_text()
+    assert json.loads((tmp_path / "tune" / "smoke" / "summary.json").read_text())["refined"] is None
+
+
 @pytest.mark.parametrize("level", ["1.5", "0", "-0.2", "nan"])
 def test_a_level_outside_0_1_exits_2(study, tmp_path, level):
     root, config = study
