@@ -83,8 +83,8 @@ def test_generate_on_a_disk_too_small_is_refused_before_it_starts(small_disk):
 
 @pytest.mark.slow
 def test_a_disk_that_fills_while_generating_then_frees_up(small_disk):
-    disk = small_disk("100m")
-    args = ["raypd.generate", "--samples", "100000", "--block-size", "2000", "--out", str(disk / "D"),
+    disk = small_disk("200m")
+    args = ["raypd.generate", "--samples", "200000", "--block-size", "2000", "--out", str(disk / "D"),
             "--no-progress"]
     proc = start(args)
     staging = disk / ".D.staging"
@@ -106,7 +106,7 @@ def test_a_disk_that_fills_while_generating_then_frees_up(small_disk):
     result = run_cli(*args, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((disk / "D" / "_manifest.json").read_text())
-    assert manifest["samples"] == 100000 and kept <= {f["path"] for f in manifest["files"]}
+    assert manifest["samples"] == 200000 and kept <= {f["path"] for f in manifest["files"]}
 
 
 @pytest.mark.slow
