@@ -500,7 +500,7 @@ def check_tracking_uri(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     try:
-        client = MlflowClient(uri)
+        MlflowClient(uri)
     except MlflowException as exc:
         raise ValueError(f"--tracking-uri {uri}: {exc.message.strip().splitlines()[0]}") from None
     if uri.split(":", 1)[0] in ("http", "https"):
@@ -511,7 +511,6 @@ def check_tracking_uri(uri: str) -> None:
         except requests.RequestException as exc:
             raise ValueError(f"--tracking-uri {uri}: no MLflow tracking server answers there "
                              f"({type(exc).__name__}); start it (mlflow server ...) or pass another URI") from None
-        del client
 
 
 def finish_mlflow(tracking_uri: str, name: str, summary: dict) -> None:

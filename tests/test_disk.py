@@ -55,6 +55,15 @@ def start(args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def fill_when(ready, proc: subprocess.Popen, disk: Path) -> Path:
+    """Fill `disk` as soon as ready() holds, while `proc` still runs."""
+    deadline = time.time() + 240
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    return fill(disk)
+
+
 def finish(proc: subprocess.Popen) -> str:
     try:
         _, stderr = proc.communicate(timeout=300)
@@ -88,11 +97,7 @@ def test_a_disk_that_fills_while_generating_then_frees_up(small_disk):
             "--no-progress"]
     proc = start(args)
     staging = disk / ".D.staging"
-    deadline = time.time() + 240
-    while len(list(staging.glob("part-*.parquet"))) < 2:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.02)
-    filler = fill(disk)
+    filler = fill_when(lambda: len(list(staging.glob("part-*.parquet"))) >= 2, proc, disk)
     stderr = finish(proc)
     assert proc.returncode == 2, stderr[-3000:]
     line = ours(stderr, "raypd.generate")
@@ -124,11 +129,7 @@ def test_a_disk_that_fills_while_training_keeps_the_last_checkpoint(small_disk, 
         except ValueError:
             return 0
 
-    deadline = time.time() + 240
-    while epochs() < 3:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.02)
-    filler = fill(disk)
+    filler = fill_when(lambda: epochs() >= 3, proc, disk)
     stderr = finish(proc)
     assert proc.returncode == 2, stderr[-3000:]
     line = ours(stderr, "raypd.train")
