@@ -46,12 +46,13 @@ def epoch_seconds(config, data, batch: int, device: str, how: str, epochs: int =
     """Seconds per epoch (mean of the epochs after the first), synchronised at epoch end.
     how: "plain" (a plain PyTorch loop), "eager" or "graph" (raypd.train.make_train_step)."""
     torch.manual_seed(0)
-    model = CNN1D(config.model, data.inputs["train"].shape[1], data.n_outputs).to(device)
+    model = CNN1D(config.model, data.inputs("train").shape[1], data.n_outputs).to(device)
     graph = how == "graph"
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, capturable=graph)
-    x = torch.tensor(data.inputs["train"], device=device)
+    x = torch.tensor(data.inputs("train"), device=device)
     y = torch.tensor(data.targets["train"], device=device)
-    step = None if how == "plain" else make_train_step(model, optimizer, x, y, batch, config.train.grad_clip, graph)
+    step = None if how == "plain" else make_train_step(model, optimizer, batch, config.train.grad_clip, graph,
+                                                       x.shape[1:], y.shape[1])
     times = []
     for _ in range(epochs):
         if device == "cuda":
@@ -62,7 +63,7 @@ def epoch_seconds(config, data, batch: int, device: str, how: str, epochs: int =
         for i in range(0, len(x), batch):
             rows = order[i : i + batch]
             if step is not None:
-                total += step(rows)
+                total += step(x[rows], y[rows])
                 continue
             loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
             optimizer.zero_grad()

@@ -43,10 +43,10 @@ BASE = str(REPO / "tune_configs" / "base.yaml")
 def plain_epochs(config, data, epochs: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = CNN1D(config.model, data.inputs["train"].shape[1], data.n_outputs)
+    model = CNN1D(config.model, data.inputs("train").shape[1], data.n_outputs)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    x, y = torch.tensor(data.inputs["train"]), torch.tensor(data.targets["train"])
-    xv, yv = torch.tensor(data.inputs["val"]), torch.tensor(data.targets["val"])
+    x, y = torch.tensor(data.inputs("train")), torch.tensor(data.targets["train"])
+    xv, yv = torch.tensor(data.inputs("val")), torch.tensor(data.targets["val"])
     times = []
     for _ in range(epochs):
         start = time.perf_counter()

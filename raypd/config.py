@@ -149,6 +149,14 @@ class TrainConfig:
     # on a CUDA device with one process per trial (num_workers 0 or 1): replay each full
     # batch's step as one CUDA graph (raypd.train.make_train_step); ignored on CPUs
     cuda_graph: bool = False
+    # where training reads the series: false holds the train and val splits in memory (one
+    # float32 copy per node, in Ray's object store), true streams the training split from the
+    # dataset's files through Ray Data every epoch; null: stream what exceeds 1/8 of a node's
+    # object store (raypd.train.held_splits)
+    streaming: bool | None = None
+    # streaming: rows of the local shuffle buffer the training split is drawn from (the file
+    # order is shuffled each epoch too)
+    shuffle_buffer: int = 10000
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -162,6 +170,7 @@ class TrainConfig:
             (0 < self.gpus_per_worker and (self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer()),
              f"train.gpus_per_worker must be a fraction in (0, 1] or a whole number (got {self.gpus_per_worker})"),
             (self.seed >= 0 and self.split_seed >= 0, "train.seed and train.split_seed must be >= 0"),
+            (self.shuffle_buffer >= 1, f"train.shuffle_buffer must be >= 1 row (got {self.shuffle_buffer})"),
             (self.input_norm in INPUT_NORMS,
              f"train.input_norm must be one of {', '.join(INPUT_NORMS)} (got {self.input_norm!r})"),
             (all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,

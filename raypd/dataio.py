@@ -11,6 +11,7 @@ manifest.json; they are still read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -108,6 +109,31 @@ def write_table_atomic(table, path: Path) -> None:
         tmp.unlink(missing_ok=True)  # a full disk: leave nothing half-written
         raise
     os.replace(tmp, path)
+
+
+def write_tables_atomic(tables, path: Path) -> None:
+    """Write Parquet tables of one schema (an iterable: one in memory at a time) as one file,
+    whole or not at all; no table leaves an empty file."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    writer = None
+    try:
+        with naming(path):
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table)
+            if writer is not None:
+                writer.close()
+    except BaseException:
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        tmp.unlink(missing_ok=True)  # a full disk, Ctrl-C: leave nothing half-written
+        raise
+    if writer is not None:
+        os.replace(tmp, path)
 
 
 def to_table(columns: dict[str, np.ndarray]):

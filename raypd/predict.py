@@ -24,7 +24,7 @@ from raypd import ode
 from raypd.cli import ArgumentParser, check_writable, run_main
 from raypd.config import Config, from_dict
 from raypd.dataio import read_json
-from raypd.dataset import load_dataset, write_json
+from raypd.dataset import open_dataset, write_json
 from raypd.intervals import DEFAULT_LEVEL, check_level
 from raypd.serve import SavedModel
 
@@ -124,7 +124,7 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
             level: float = DEFAULT_LEVEL, address: str | None = None, progress: bool = True) -> dict:
     import pyarrow as pa
 
-    from raypd.dataio import list_column, write_table_atomic
+    from raypd.dataio import list_column, write_tables_atomic
     from raypd.train import check_fits
 
     level = check_level(level)
@@ -135,19 +135,22 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
     model = SavedModel.load(checkpoint)
     n = config.data.n_actions
     if input_path.is_dir():
-        dataset = load_dataset(input_path)
-        if dataset.n_actions != n:
-            raise ValueError(f"{input_path}: n_actions {dataset.n_actions}, the study's model takes n={n}")
-        series, times, ids = dataset.series, np.asarray(dataset.manifest["time_points"]), dataset.sample_id
+        dataset = open_dataset(input_path)
+        if dataset.series_shape[0] != 2 * n:
+            raise ValueError(f"{input_path}: n_actions {dataset.series_shape[0] // 2}, the study's model takes n={n}")
+        times, steps = np.asarray(dataset.manifest["time_points"]), dataset.series_shape[1]
+        # a file at a time: memory holds one file's series, whatever the size of the dataset
+        chunks = ((ids, columns["series"].reshape(len(ids), *dataset.series_shape))
+                  for ids, columns in dataset.parts(columns=("series",)))
     elif input_path.is_file():
         times, series = read_csv_series(input_path, n)
-        ids = np.zeros(1, dtype=np.int64)
+        steps, chunks = series.shape[2], iter([(np.zeros(1, dtype=np.int64), series)])
     else:
         raise ValueError(f"--input {input_path} does not exist")
-    if series.shape[2] < 2:
-        raise ValueError(f"{input_path}: {series.shape[2]} time points: need at least 2")
+    if steps < 2:
+        raise ValueError(f"{input_path}: {steps} time points: need at least 2")
     try:
-        check_fits(config, series.shape[2])
+        check_fits(config, steps)
     except ValueError as exc:
         raise ValueError(f"{input_path}: {exc}") from None
     if out.exists() and out.is_dir():
@@ -158,23 +161,6 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
     if model.calibration is None:  # a study of an older raypd: its estimates, without intervals
         print(f"raypd.predict: {checkpoint} has no interval calibration (an older raypd ran the study): "
               "estimates without intervals", file=sys.stderr)
-        y_pred = model.predict(series)
-        lower = upper = None
-    else:
-        y_pred, lower, upper = model.predict_with_intervals(series, level)
-    resim = resimulate(y_pred, times, n)
-    n_p = ode.num_params(n)
-
-    def split(name: str, values: np.ndarray) -> dict:
-        """params_<name> and ic_<name> columns from (N, n_targets) values."""
-        return {f"params_{name}": list_column(values[:, :n_p], pa.float64()),
-                f"ic_{name}": list_column(values[:, n_p:], pa.float64())}
-
-    columns = {"sample_id": pa.array(ids, type=pa.int64()), **split("pred", y_pred),
-               "series_resim": list_column(resim.astype(np.float32), pa.float32())}
-    if lower is not None:
-        columns.update({**split("lower", lower), **split("upper", upper)})
-    result = {"series": len(ids), "out": str(out), "diverged": int(np.isnan(resim).any(axis=(1, 2)).sum())}
     if refine:
         from raypd.refine import FitProblem, refine_with_intervals
 
@@ -182,18 +168,41 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
         problem = FitProblem.from_data_config(config.data, times)
         calibration = refined_calibration(study_dir, model, problem, address, progress)
         models = [model] + next_best_models(summary, study_dir)
-        fitted = refine_with_intervals(models, series, problem, calibration, level, seeds=ids, address=address,
-                                       progress=progress)
-        columns.update({**split("refined", fitted["estimate"]), **split("refined_lower", fitted["lower"]),
-                        **split("refined_upper", fitted["upper"]),
-                        "residual": pa.array(fitted["residual"], type=pa.float64()),
-                        "identified": pa.array(fitted["identified"], type=pa.bool_()),
-                        "starts": pa.array(fitted["starts"], type=pa.int64()),
-                        "noise": pa.array(fitted["noise"], type=pa.float64())})
-        result["identified"] = int(fitted["identified"].sum())
-    table = pa.table(columns).replace_schema_metadata({"raypd_interval_level": str(level)})
+    n_p = ode.num_params(n)
+
+    def split(name: str, values: np.ndarray) -> dict:
+        """params_<name> and ic_<name> columns from (N, n_targets) values."""
+        return {f"params_{name}": list_column(values[:, :n_p], pa.float64()),
+                f"ic_{name}": list_column(values[:, n_p:], pa.float64())}
+
+    def table(ids: np.ndarray, series: np.ndarray):
+        """The output rows of one chunk of series."""
+        if model.calibration is None:
+            y_pred, lower, upper = model.predict(series), None, None
+        else:
+            y_pred, lower, upper = model.predict_with_intervals(series, level)
+        resim = resimulate(y_pred, times, n)
+        columns = {"sample_id": pa.array(ids, type=pa.int64()), **split("pred", y_pred),
+                   "series_resim": list_column(resim.astype(np.float32), pa.float32())}
+        if lower is not None:
+            columns.update({**split("lower", lower), **split("upper", upper)})
+        result["series"] += len(ids)
+        result["diverged"] += int(np.isnan(resim).any(axis=(1, 2)).sum())
+        if refine:
+            fitted = refine_with_intervals(models, series, problem, calibration, level, seeds=ids, address=address,
+                                           progress=progress)
+            columns.update({**split("refined", fitted["estimate"]), **split("refined_lower", fitted["lower"]),
+                            **split("refined_upper", fitted["upper"]),
+                            "residual": pa.array(fitted["residual"], type=pa.float64()),
+                            "identified": pa.array(fitted["identified"], type=pa.bool_()),
+                            "starts": pa.array(fitted["starts"], type=pa.int64()),
+                            "noise": pa.array(fitted["noise"], type=pa.float64())})
+            result["identified"] = result.get("identified", 0) + int(fitted["identified"].sum())
+        return pa.table(columns).replace_schema_metadata({"raypd_interval_level": str(level)})
+
+    result = {"series": 0, "out": str(out), "diverged": 0}
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_table_atomic(table, out)
+    write_tables_atomic((table(ids, series) for ids, series in chunks), out)
     return result
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ def model_meta(config, data: Prepared) -> dict:
         "format": META_FORMAT,
         "n_actions": channels // 2,
         "series_shape": [channels, steps],
-        "input_channels": int(data.inputs["train"].shape[1]),  # more than channels with sample+scale
+        "input_channels": data.input_channels,  # more than channels with sample+scale
         "time_points": [float(t) for t in data.time_points],
         "input_norm": data.input_norm,
         "target_names": list(data.target_names),
@@ -190,30 +191,48 @@ TEST_SPLIT_FILE = "test_split.parquet"  # in ROOT/tune/NAME: what report needs w
 VAL_SPLIT_FILE = "val_split.parquet"  # in ROOT/tune/NAME: what calibrates the refined intervals
 
 
-def write_test_split(path: Path, sample_ids: np.ndarray, targets: np.ndarray, series: np.ndarray) -> None:
-    """The test split's raw targets and raw series (the dataset's column types), written
-    atomically: report and the registered model's input example read it, not ROOT/data."""
+def write_test_split(path: Path, chunks) -> None:
+    """A split's sample_ids, raw targets and raw series (the dataset's column types) from
+    chunks of (sample_ids, targets, series), written a chunk at a time and atomically: report,
+    predict --refine and the registered model's input example read it, not ROOT/data."""
     import pyarrow as pa
 
-    from raypd.dataio import list_column, write_table_atomic
+    from raypd.dataio import list_column, write_tables_atomic
 
-    write_table_atomic(pa.table({"sample_id": pa.array(sample_ids, type=pa.int64()),
-                                 "targets": list_column(targets, pa.float64()),
-                                 "series": list_column(series.reshape(len(series), -1), pa.float32())}), path)
+    write_tables_atomic((pa.table({"sample_id": pa.array(ids, type=pa.int64()),
+                                   "targets": list_column(targets, pa.float64()),
+                                   "series": list_column(series.reshape(len(series), -1), pa.float32())})
+                         for ids, targets, series in chunks), path)
 
 
-def read_test_split(path: Path, series_shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample_ids (N,), raw targets (N, n_targets), raw series (N, 2n, T) float32)."""
+def read_test_split(path: Path, series_shape, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_ids (N,), raw targets (N, n_targets), raw series (N, 2n, T) float32) of a
+    split file written by write_test_split; limit: its first `limit` rows."""
+    chunks = list(iter_test_split(path, series_shape, limit))
+    if not chunks:
+        channels, steps = series_shape
+        return np.zeros(0, np.int64), np.zeros((0, 0)), np.zeros((0, channels, steps), np.float32)
+    return tuple(np.concatenate(parts) for parts in zip(*chunks))
+
+
+def iter_test_split(path: Path, series_shape, limit: int | None = None, rows: int = 4096):
+    """The (sample_ids, raw targets, raw series) of a split file in chunks of `rows` rows:
+    memory holds one chunk, whatever the size of the split."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
         raise ValueError(f"{path} does not exist: the study was run by an older raypd (re-run it with "
                          "this raypd, under another --root)")
-    table = pq.read_table(path)
-    ids = table.column("sample_id").to_numpy()
-    targets = table.column("targets").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
-    series = table.column("series").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return ids, targets.astype(np.float64), series.astype(np.float32).reshape(len(ids), *series_shape)
+    left = math.inf if limit is None else limit
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+        if left <= 0:
+            return
+        batch = batch.slice(0, int(min(left, batch.num_rows)))
+        left -= batch.num_rows
+        ids = batch.column("sample_id").to_numpy()
+        targets = batch.column("targets").flatten().to_numpy().reshape(len(ids), -1)
+        series = batch.column("series").flatten().to_numpy(zero_copy_only=False)
+        yield ids, targets.astype(np.float64), series.astype(np.float32).reshape(len(ids), *series_shape)
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -312,7 +331,7 @@ def log_and_register(study: str, summary: dict, tracking_uri: str, test_split: P
                          f"at {tracking_uri}")
     run_id = runs[0].info.run_id
     if test_split is not None and Path(test_split).is_file():  # the input example: a real test series
-        example = read_test_split(Path(test_split), model.series_shape)[2][:1]
+        example = read_test_split(Path(test_split), model.series_shape, limit=1)[2]
     else:
         example = np.ones((1, *model.series_shape), dtype=np.float32)
     code = Path(__file__).with_name("mlflow_model.py")

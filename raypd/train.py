@@ -2,10 +2,14 @@
 
     python -m raypd.train --config tune_configs/base.yaml [--data DIR] [--out DIR] [--set k=v ...]
 
-The dataset is read and prepared once by the driver and handed to the workers through Ray's
-object store (one copy per node): for data this small (10,000 series of 402 floats = 16 MB)
-this beats streaming it through get_dataset_shard every epoch (benchmarks/bench_train.py).
-Each worker trains on its own slice of every epoch's permutation; DDP averages gradients.
+The driver reads the dataset's files once, a file at a time (raypd.dataset.prepare): the split,
+the target and input statistics, and the raw float32 series of what training holds in memory.
+That goes to the workers through Ray's object store, one copy per node whatever the number of
+trials. A dataset too big to hold (raypd.train.held_splits) streams its training split from
+its Parquet files through Ray Data every epoch instead (get_dataset_shard on a worker group;
+the stream itself in a single-process Tune trial), files in a new order each epoch and rows
+drawn from a local shuffle buffer. Inputs are made a batch at a time. In memory, each worker
+trains on its own slice of every epoch's permutation; DDP averages gradients.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import numpy as np
 from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
 from raypd.config import Config, TrainConfig, from_dict, load_config, to_dict
 from raypd.dataio import naming
-from raypd.dataset import Prepared, load_dataset, metrics, prepare, write_json
+from raypd.dataset import (TRAINING_SPLITS, DatasetFiles, Prepared, apply_input_norm, metrics, open_dataset, prepare,
+                           series_bytes, split_series, stream_options, stream_split, write_json)
 from raypd.serve import CHECKPOINT_FILE, model_meta
 
 
@@ -44,7 +49,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     config = from_dict(Config, loop_config["config"])
     train = config.train
-    data: Prepared = ray.get(loop_config["data"])  # from the object store, once per node
+    # from the object store, once per node: the split and statistics, and the series when
+    # training holds them (read-only views of the node's one copy)
+    data: Prepared = ray.get(loop_config["data"])
     checkpoint_dir = Path(loop_config["checkpoint_dir"])
     in_tune = loop_config.get("report_to") == "tune"
 
@@ -53,7 +60,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         raise RuntimeError(f"training asks for GPUs (train.use_gpu) but node {context.get_node_id()} has no "
                            f"CUDA device (this process holds {context.get_assigned_resources()})")
     torch.manual_seed(train.seed)
-    model = CNN1D(config.model, data.inputs["train"].shape[1], data.n_outputs)
+    model = CNN1D(config.model, data.input_channels, data.n_outputs)
     if in_tune:  # a single-process trial inside Tune: no Train session here, no DDP needed
         rank, world = 0, 1
         device = torch.device("cuda" if loop_config["use_gpu"] else "cpu")
@@ -66,10 +73,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     graphed = train.cuda_graph and device.type == "cuda" and world == 1  # see make_train_step
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                  capturable=graphed)
-    x_train, y_train = (torch.tensor(a, device=device) for a in (data.inputs["train"], data.targets["train"]))
-    x_val, y_val = (torch.tensor(a, device=device) for a in (data.inputs["val"], data.targets["val"]))
     unwrapped = model.module if hasattr(model, "module") else model
     meta = model_meta(config, data)  # saved with every checkpoint: the model carries its normalisation
+
+    def stream(split: str):
+        """A split streamed from the dataset's files: this worker's shard of it (Ray Train's
+        get_dataset_shard), or, in a single-process Tune trial, the whole stream."""
+        return loop_config["streams"][split] if in_tune else ray.train.get_dataset_shard(split)
 
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "history": []}
     if (checkpoint_dir / "last" / CHECKPOINT_FILE).exists():  # continue an interrupted run
@@ -82,30 +92,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
 
-    step = make_train_step(model, optimizer, x_train, y_train, train.batch_size, train.grad_clip, graphed)
+    step = make_train_step(model, optimizer, train.batch_size, train.grad_clip, graphed,
+                           (data.input_channels, data.series_shape[1]), data.n_outputs)
     # what raypd.train shows while it trains (a study shows Tune's table instead)
     progress = EpochProgress(train.epochs, state["epoch"], enabled=rank == 0 and not in_tune)
-    # Equal shard sizes on every worker (DDP needs the same number of steps): pad by wrapping.
-    per_worker = math.ceil(len(x_train) / world)
     for epoch in range(state["epoch"], train.epochs):
         started = time.perf_counter()
         model.train()
-        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
-        shard = order.repeat(2)[: per_worker * world][rank::world].to(device)
+        if data.held("train"):  # each worker its slice of one permutation of the training split
+            batches = memory_batches(data, "train", epoch_shard(len(data.targets["train"]), train.seed * 100_003 + epoch,
+                                                                 rank, world), train.batch_size)
+        else:  # file order shuffled each epoch by Ray Data, rows by a local shuffle buffer
+            batches = stream_batches(stream("train"), train.batch_size, train.shuffle_buffer,
+                                     seed=train.seed * 100_003 + epoch)
         # the loss is summed on the device (float64, as Python floats were): no host sync per
         # step, so a GPU is fed kernels without waiting for each step's result
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-        for start in range(0, per_worker, train.batch_size):
-            batch = shard[start : start + train.batch_size]
-            total += step(batch)
-            count += len(batch)
-        val_loss = evaluate_loss(model, x_val, y_val, train.batch_size * 8)
+        for x, y in batches:
+            total += step(x.to(device), y.to(device))
+            count += len(y)
+        val_batches = (memory_batches(data, "val", np.arange(len(data.targets["val"])), train.batch_size * 8)
+                       if data.held("val") else stream_batches(stream("val"), train.batch_size * 8))
+        val_loss = evaluate_loss(model, val_batches, device)
         if not math.isfinite(val_loss):
             raise FloatingPointError(f"validation loss became {val_loss} at epoch {epoch}: lower train.lr")
         improved = val_loss < state["best_val"]
         metrics_ = {"epoch": epoch + 1, "train_loss": total.item() / count, "val_loss": val_loss,
                     "best_val_loss": min(val_loss, state["best_val"]),
-                    "epoch_seconds": time.perf_counter() - started}
+                    "epoch_seconds": time.perf_counter() - started, "samples": count}
         state = {"epoch": epoch + 1, "best_val": metrics_["best_val_loss"],
                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
                  "history": state["history"] + [metrics_]}
@@ -123,6 +137,47 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state["bad_epochs"] >= train.patience:
             break
     progress.close()
+
+
+def epoch_shard(rows: int, seed: int, rank: int, world: int) -> np.ndarray:
+    """Worker `rank`'s rows of one epoch: its slice of randperm(rows, seed), padded by wrapping
+    to the same size on every worker (DDP needs the same number of steps)."""
+    import torch
+
+    per_worker = math.ceil(rows / world)
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    return order.repeat(2)[: per_worker * world][rank::world].numpy()
+
+
+def memory_batches(data: Prepared, split: str, rows: np.ndarray, batch_size: int):
+    """(inputs, targets) float32 tensors of a split held in memory, `rows` in that order;
+    inputs are made a batch at a time (the raw series are the only copy)."""
+    import torch
+
+    series, targets = data.series[split], data.targets[split]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        yield torch.from_numpy(apply_input_norm(series[batch], data.input_norm)), torch.from_numpy(targets[batch])
+
+
+STREAM_CHUNK = 1024  # rows Ray Data hands over at a time; the loop cuts them into batches
+
+
+def stream_batches(stream, batch_size: int, shuffle_buffer: int = 0, seed: int | None = None):
+    """(inputs, targets) float32 tensors of a streamed split (a Ray Dataset, or Train's shard
+    of one: raypd.stream). With shuffle_buffer, Ray Data draws chunks of STREAM_CHUNK rows at
+    random from a local buffer of that many rows, and each chunk's rows come in a random
+    order: per-row batches straight from Ray Data cost ~4 ms each on this loop's CPU."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for chunk in stream.iter_torch_batches(batch_size=STREAM_CHUNK if shuffle_buffer else batch_size,
+                                           local_shuffle_buffer_size=shuffle_buffer or None, device="cpu"):
+        x, y = chunk["x"], chunk["y"]
+        order = torch.randperm(len(y), generator=generator) if shuffle_buffer else torch.arange(len(y))
+        for start in range(0, len(y), batch_size):
+            rows = order[start : start + batch_size]
+            yield x[rows], y[rows]
 
 
 class EpochProgress:
@@ -167,9 +222,10 @@ class EpochProgress:
             self.bar.close()
 
 
-def make_train_step(model, optimizer, x, y, batch_size: int, grad_clip: float, cuda_graph: bool):
-    """step(rows) -> the batch's summed loss (a float64 device tensor), after one optimiser
-    step (MSE, gradient clipping, Adam) on rows `rows` of (x, y).
+def make_train_step(model, optimizer, batch_size: int, grad_clip: float, cuda_graph: bool, input_shape=None,
+                    n_outputs: int | None = None):
+    """step(x, y) -> the batch's summed loss (a float64 device tensor), after one optimiser
+    step (MSE, gradient clipping, Adam) on inputs x (B, channels, T) and targets y (B, k).
 
     cuda_graph: full batches replay one CUDA graph of the whole step (PyTorch's whole-network
     capture; the optimizer must be Adam(capturable=True)). The studies' small models at batch
@@ -182,36 +238,40 @@ def make_train_step(model, optimizer, x, y, batch_size: int, grad_clip: float, c
     """
     import torch
 
-    def eager(rows):
-        loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+    def eager(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        return loss.detach().double() * len(rows)
+        return loss.detach().double() * len(y)
 
     if not cuda_graph:
         return eager
 
-    static_rows = torch.arange(batch_size, device=x.device) % len(x)
-    current, side = torch.cuda.current_stream(x.device), torch.cuda.Stream(x.device)
+    device = next(model.parameters()).device
+    # the graph reads its batch from these (a replay copies each batch in)
+    static_x = torch.ones((batch_size, *input_shape), device=device)
+    static_y = torch.zeros((batch_size, n_outputs), device=device)
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
     with state_kept(model, optimizer):  # restores on the current stream, after the side's work
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(3):
-                eager(static_rows)
+                eager(static_x, static_y)
         current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     # With no gradients before capture (zero_grad sets them to None, launching nothing), the
     # graph's backward writes them rather than adding to them.
     optimizer.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
-        static_loss = eager(static_rows)
+        static_loss = eager(static_x, static_y)
 
-    def replay(rows):
-        if len(rows) != batch_size:
-            return eager(rows)
-        static_rows.copy_(rows)
+    def replay(x, y):
+        if len(y) != batch_size:
+            return eager(x, y)
+        static_x.copy_(x)
+        static_y.copy_(y)
         graph.replay()
         return static_loss
 
@@ -245,16 +305,17 @@ def state_kept(model, optimizer):
         torch.set_rng_state(rng)
 
 
-def evaluate_loss(model, x, y, batch_size: int) -> float:
+def evaluate_loss(model, batches, device) -> float:
+    """Mean squared error over every entry of (inputs, targets) batches."""
     import torch
 
     model.eval()
+    total, entries = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
-        total = torch.zeros((), dtype=torch.float64, device=x.device)
-        for i in range(0, len(x), batch_size):
-            total += torch.nn.functional.mse_loss(model(x[i : i + batch_size]), y[i : i + batch_size],
-                                                  reduction="sum").double()
-    return total.item() / (len(x) * y.shape[1])
+        for x, y in batches:
+            total += torch.nn.functional.mse_loss(model(x.to(device)), y.to(device), reduction="sum").double()
+            entries += y.numel()
+    return total.item() / entries
 
 
 def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict) -> None:
@@ -317,14 +378,19 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     TuneReportCallback; a single-process trial (num_workers 0) runs the loop right here and
     reports to Tune itself, since Train's API is not available to a Tune function.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workdir.mkdir(parents=True, exist_ok=True)
     loop_config = {"config": to_dict(config), "data": data_ref, "checkpoint_dir": str(workdir / "checkpoints"),
                    "use_gpu": use_gpu(config)}
+    data: Prepared = ray.get(data_ref)
+    # streamed splits: the training split's files shuffled each epoch; validation in order
+    streams = {split: stream_split(data, split, shuffle_seed=config.train.seed if split == "train" else None)
+               for split in TRAINING_SPLITS if not data.held(split)}
     if in_tune and config.train.num_workers == 0:
-        train_loop_per_worker({**loop_config, "report_to": "tune"})
+        train_loop_per_worker({**loop_config, "report_to": "tune", "streams": streams})
         return
     # Ray Train V2's controller collects a worker's report every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
     # (2 s) and a worker holds one uncollected report: with sub-second epochs every report
@@ -339,6 +405,9 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        # each worker its share of the training stream, and the whole validation split
+        datasets=streams, dataset_config=DataConfig(datasets_to_split=["train"] if "train" in streams else [],
+                                                    execution_options=stream_options()),
         torch_config=TorchConfig(backend=ddp_backend(config.train, loop_config["use_gpu"])),
         scaling_config=ScalingConfig(
             num_workers=config.train.num_workers, use_gpu=loop_config["use_gpu"],
@@ -375,15 +444,6 @@ def read_state(checkpoint: Path) -> dict:
     return state
 
 
-def predict_inputs(checkpoint: Path, inputs: np.ndarray) -> np.ndarray:
-    """Raw-unit predictions (N, n_targets) of the model in `checkpoint` for normalised inputs
-    (N, 2n, T), un-standardised with the statistics saved in the checkpoint (raypd.serve: the
-    one inference path)."""
-    from raypd.serve import SavedModel
-
-    return SavedModel.load(checkpoint).predict_inputs(inputs)
-
-
 def check_fits(config: Config, time_points: int) -> None:
     pools = len(config.model.filters)
     if time_points < 2**pools:
@@ -407,44 +467,87 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
         check_fits(config, config.data.time_points)  # before any Ray work
         data_dir = dataset_dir(config, Path(root))
         generate(config.data, data_dir, address=address)
-    dataset = load_dataset(data_dir)
-    check_fits(config, dataset.series.shape[2])
-    data = prepare(dataset, config.train)
-    check_resumable(workdir, model_meta(config, data))
+    files = open_dataset(data_dir)
+    check_fits(config, files.series_shape[1])
     init_ray(address)
-    check_shared(workdir.parent)
     import ray
 
+    # the one copy of what training holds: in the object store (the driver's is dropped)
+    data_ref = ray.put(prepare(data_dir, config.train, held=held_splits(config.train, files)))
+    data = ray.get(data_ref)
+    check_resumable(workdir, model_meta(config, data))
+    check_shared(workdir.parent)
     from raypd.lock import hold
 
     workdir.mkdir(parents=True, exist_ok=True)
     with hold(workdir / ".raypd.lock", f"training folder {workdir}"):  # one writer, also across nodes
-        fit(config, ray.put(data), workdir)
+        fit(config, data_ref, workdir)
     best = workdir / "checkpoints" / "best"
-    calibrate_best(best, dataset, data)
-    y_pred = predict_inputs(best, data.inputs["test"])
-    y_true = data.raw_targets["test"]
+    calibrate_best(best, data)
+    y_true, y_pred = predict_split(best, data, "test")
     out = metrics(y_true, y_pred, data.target_names)
-    out["intervals"] = interval_coverage(best, dataset, data)
+    out["intervals"] = interval_coverage(best, data)
     history = read_state(workdir / "checkpoints" / "last")["history"]
     out.update(epochs=history[-1]["epoch"], best_val_loss=min(h["val_loss"] for h in history),
-               history=history, dataset=str(data_dir), content_hash=dataset.manifest["content_hash"],
-               checkpoint=str(best))
+               history=history, dataset=str(data_dir), content_hash=files.manifest["content_hash"],
+               checkpoint=str(best), streamed=[split for split in TRAINING_SPLITS if not data.held(split)])
     write_predictions(workdir / "predictions.parquet", data.sample_ids["test"], y_true, y_pred)
     write_json(workdir / "metrics.json", out)
     return out
 
 
-def calibrate_best(best: Path, dataset, data) -> None:
-    """The best checkpoint's model-only intervals, calibrated on the validation split (clean
-    and noisy, raypd.intervals) and saved in its meta."""
+# Training holds a split's series in memory (one float32 copy per node, in Ray's object
+# store, read by every trial on the node) while what it holds takes at most this share of the
+# smallest node's object store; it streams the rest from the dataset's files.
+IN_MEMORY_SHARE = 1 / 8
+
+
+def held_splits(train: TrainConfig, files: DatasetFiles, store_bytes: float | None = None) -> tuple[str, ...]:
+    """The splits training holds in memory: train and val when they fit in IN_MEMORY_SHARE of
+    the smallest node's object store (store_bytes; default: the connected cluster's), else
+    val alone when it fits (a streamed val split would be read whole, with every file, every
+    epoch), else none. train.streaming true streams the training split whatever its size;
+    false holds both. The object store holds the one copy whatever the number of trials, and
+    no device holds it (batches are made on the host), so the count of concurrent trials
+    does not enter."""
+    import ray
+
+    if train.streaming is False:
+        return TRAINING_SPLITS
+    if store_bytes is None:
+        store_bytes = min((n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n["Alive"]),
+                          default=0)
+    budget = IN_MEMORY_SHARE * store_bytes
+    size = {split: series_bytes(files.samples, files.series_shape, train, split) for split in TRAINING_SPLITS}
+    if train.streaming is None and size["train"] + size["val"] <= budget:
+        return TRAINING_SPLITS
+    return ("val",) if size["val"] <= budget else ()
+
+
+CALIBRATION_ROWS = 20_000  # validation series the model-only intervals are calibrated on
+
+
+def calibrate_best(best: Path, data: Prepared) -> None:
+    """The best checkpoint's model-only intervals, calibrated on (at most CALIBRATION_ROWS of)
+    the validation split (clean and noisy, raypd.intervals) and saved in its meta."""
     from raypd.serve import add_calibration
 
-    val = np.searchsorted(dataset.sample_id, data.sample_ids["val"])
-    add_calibration(best, dataset.series[val], data.raw_targets["val"], seed=int(data.sample_ids["val"][0]))
+    chunks = list(split_series(data, "val", limit=CALIBRATION_ROWS))
+    add_calibration(best, np.concatenate([c[2] for c in chunks]), np.concatenate([c[1] for c in chunks]),
+                    seed=int(data.sample_ids["val"][0]))
 
 
-def interval_coverage(best: Path, dataset, data, level: float | None = None) -> dict:
+def predict_split(checkpoint: Path, data: Prepared, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raw targets and the raw-unit predictions of the model in `checkpoint` for a split,
+    read a file at a time."""
+    from raypd.serve import SavedModel
+
+    model = SavedModel.load(checkpoint)
+    chunks = [(raw, model.predict(series)) for _, raw, series in split_series(data, split)]
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def interval_coverage(best: Path, data: Prepared, level: float | None = None) -> dict:
     """Coverage of the model-only intervals at `level` (default 0.9) on the test split, clean
     and with 2% observation noise (not the validation split's noise draws)."""
     from raypd.intervals import DEFAULT_LEVEL, add_noise, coverage
@@ -452,13 +555,15 @@ def interval_coverage(best: Path, dataset, data, level: float | None = None) -> 
 
     level = DEFAULT_LEVEL if level is None else level
     model = SavedModel.load(best)
-    test = np.searchsorted(dataset.sample_id, data.sample_ids["test"])
     out = {"level": level}
     rng = np.random.default_rng(12345)
     for name, noise in (("clean", 0.0), ("noise_2pct", 0.02)):
-        series = add_noise(dataset.series[test], noise, rng).astype(np.float32)
-        _, lower, upper = model.predict_with_intervals(series, level)
-        out[name] = coverage(lower, upper, data.raw_targets["test"], data.target_names)
+        bounds = []
+        for _, raw, series in split_series(data, "test"):
+            _, lower, upper = model.predict_with_intervals(add_noise(series, noise, rng).astype(np.float32), level)
+            bounds.append((lower, upper))
+        out[name] = coverage(np.concatenate([b[0] for b in bounds]), np.concatenate([b[1] for b in bounds]),
+                             data.raw_targets["test"], data.target_names)
     return out
 
 

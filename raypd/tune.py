@@ -29,7 +29,7 @@ from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, ru
 from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
 from raypd.dataio import read_json
-from raypd.dataset import load_dataset, metrics, prepare, write_json
+from raypd.dataset import metrics, open_dataset, prepare, split_series, write_json
 from raypd.lock import hold
 from raypd.serve import TEST_SPLIT_FILE, VAL_SPLIT_FILE, write_test_split
 
@@ -326,7 +326,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     from ray import tune
 
     from raypd.generate import generate
-    from raypd.train import check_fits, dataset_dir
+    from raypd.train import check_fits, dataset_dir, held_splits
 
     root = Path(root).absolute()
     study_dir = root / "tune" / name
@@ -357,9 +357,10 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     check_shared(root)
     data_dir = dataset_dir(config, root)
     manifest = generate(config.data, data_dir)
-    dataset = load_dataset(data_dir)
-    prepared = prepare(dataset, config.train)
-    data_ref = ray.put(prepared)  # one copy in the object store for every trial
+    files = open_dataset(data_dir)
+    # one copy in the object store for every trial (the series too, unless trials stream them)
+    data_ref = ray.put(prepare(data_dir, config.train, held=held_splits(config.train, files)))
+    prepared = ray.get(data_ref)  # the store's read-only view: the driver keeps no copy of its own
     study_dir.mkdir(parents=True, exist_ok=True)
     # one writer per study, also across the nodes that share ROOT (raypd.lock)
     with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
@@ -403,13 +404,11 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
         results, interrupted = fit_or_interrupted(tuner)
         if interrupted:  # Tune stopped its trials and saved its state: the study is not done
             raise KeyboardInterrupt
-        summary = summarise(config, name, results, prepared, study_dir, dataset)
+        summary = summarise(config, name, results, prepared, study_dir)
         finish_mlflow(tracking_uri, name, summary)
         # report and predict --refine read these, not ROOT/data
         for split, file in (("test", TEST_SPLIT_FILE), ("val", VAL_SPLIT_FILE)):
-            rows = np.searchsorted(dataset.sample_id, prepared.sample_ids[split])
-            write_test_split(study_dir / file, prepared.sample_ids[split], prepared.raw_targets[split],
-                             dataset.series[rows])
+            write_test_split(study_dir / file, split_series(prepared, split))
         write_json(study_dir / SUMMARY_FILE, summary)
         register_best(name, summary, tracking_uri, study_dir)
         return summary
@@ -570,11 +569,11 @@ def tune_config(config: Config, concurrent: int, study_name: str, study_dir: Pat
                            trial_dirname_creator=lambda trial: f"{study_name}_{trial.trial_id}")
 
 
-def summarise(config: Config, name: str, results, prepared, study_dir: Path, dataset) -> dict:
+def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> dict:
     """summary.json: the best trial (by its best validation loss), its best checkpoint
     (its model-only intervals calibrated on the validation split) evaluated on the test split
     in raw units, with its intervals' coverage, and one entry per trial."""
-    from raypd.train import calibrate_best, interval_coverage, predict_inputs, read_state
+    from raypd.train import calibrate_best, interval_coverage, predict_split, read_state
 
     trials = []
     for result in results:
@@ -606,10 +605,10 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path, dat
                "best_test_metrics": None, "trials": trials}
     if best:
         checkpoint = Path(summary["best_checkpoint"])
-        calibrate_best(checkpoint, dataset, prepared)
-        y_pred = predict_inputs(checkpoint, prepared.inputs["test"])
-        summary["best_test_metrics"] = metrics(prepared.raw_targets["test"], y_pred, prepared.target_names)
-        summary["best_test_metrics"]["intervals"] = interval_coverage(checkpoint, dataset, prepared)
+        calibrate_best(checkpoint, prepared)
+        y_true, y_pred = predict_split(checkpoint, prepared, "test")
+        summary["best_test_metrics"] = metrics(y_true, y_pred, prepared.target_names)
+        summary["best_test_metrics"]["intervals"] = interval_coverage(checkpoint, prepared)
     return summary
 
 

@@ -102,10 +102,10 @@ def plain_pytorch_losses(config: Config, data_dir) -> list[tuple[float, float]]:
     train = config.train
     data = prepare(load_dataset(data_dir), train)
     torch.manual_seed(train.seed)
-    model = CNN1D(config.model, data.inputs["train"].shape[1], data.n_outputs)
+    model = CNN1D(config.model, data.inputs("train").shape[1], data.n_outputs)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    x, y = torch.tensor(data.inputs["train"]), torch.tensor(data.targets["train"])
-    x_val, y_val = torch.tensor(data.inputs["val"]), torch.tensor(data.targets["val"])
+    x, y = torch.tensor(data.inputs("train")), torch.tensor(data.targets["train"])
+    x_val, y_val = torch.tensor(data.inputs("val")), torch.tensor(data.targets["val"])
     out = []
     for epoch in range(train.epochs):
         model.train()
@@ -143,22 +143,22 @@ def test_steps_taken_under_state_kept_leave_no_trace(data_dir):
     # What a CUDA graph's warm-up relies on, checked on the CPU: weights, Adam's state (a
     # resumed one, and the state a fresh Adam creates) and the random state come back.
     data = prepare(load_dataset(data_dir), TrainConfig())
-    x, y = torch.tensor(data.inputs["train"]), torch.tensor(data.targets["train"])
+    x, y = torch.tensor(data.inputs("train")), torch.tensor(data.targets["train"])
     config = ModelConfig(filters=[8], kernel_sizes=[3], hidden=[16], dropout=0.3)
 
     def losses(warm_up: bool, resumed: bool) -> list[float]:
         torch.manual_seed(0)
         model = CNN1D(config, x.shape[1], y.shape[1])
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        step = make_train_step(model, optimizer, x, y, 16, 1.0, cuda_graph=False)
+        step = make_train_step(model, optimizer, 16, 1.0, cuda_graph=False)
         rows = [torch.arange(i, i + 16) for i in range(0, 64, 16)]
         if resumed:
-            step(rows[0])
+            step(x[rows[0]], y[rows[0]])
         if warm_up:
             with state_kept(model, optimizer):
                 for r in rows[::-1]:
-                    step(r)
-        return [step(r).item() for r in rows for _ in range(2)]
+                    step(x[r], y[r])
+        return [step(x[r], y[r]).item() for r in rows for _ in range(2)]
 
     for resumed in (False, True):
         assert losses(True, resumed) == losses(False, resumed)
@@ -170,18 +170,18 @@ def test_cuda_graph_steps_train_as_eager_steps_on_a_gpu(data_dir):
     # 84 rows in batches of 16: five replays and one eager partial batch per epoch. Dropout 0:
     # in a graph the dropout masks come from the same generator, but not in eager order.
     data = prepare(load_dataset(data_dir), TrainConfig())
-    x, y = (torch.tensor(a, device="cuda") for a in (data.inputs["train"], data.targets["train"]))
+    x, y = (torch.tensor(a, device="cuda") for a in (data.inputs("train"), data.targets["train"]))
     config = ModelConfig(filters=[8, 8], kernel_sizes=[3, 3], hidden=[16], dropout=0.0)
 
     def losses(graph: bool) -> list[float]:
         torch.manual_seed(0)
         model = CNN1D(config, x.shape[1], y.shape[1]).cuda()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01, capturable=graph)
-        step = make_train_step(model, optimizer, x, y, 16, 1.0, cuda_graph=graph)
+        step = make_train_step(model, optimizer, 16, 1.0, graph, x.shape[1:], y.shape[1])
         out = []
         for epoch in range(3):
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).cuda()
-            out += [step(order[i : i + 16]).item() for i in range(0, len(x), 16)]
+            out += [step(x[order[i : i + 16]], y[order[i : i + 16]]).item() for i in range(0, len(x), 16)]
         return out
 
     graphed, eager = losses(True), losses(False)

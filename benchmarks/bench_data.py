@@ -1,0 +1,178 @@
+"""Training on datasets of any size, as a user waits for it: peak memory and wall time per
+epoch of the whole `python -m raypd.train` command, with the series held in memory and
+streamed through Ray Data, in one run on this machine.
+
+    python benchmarks/bench_data.py --data DIR [DIR ...] [--config tune_configs/n2.yaml]
+                                    [--epochs 1 3] [--modes memory stream] [--set KEY=VALUE ...]
+    python benchmarks/bench_data.py --study --data DIR [--config tune_configs/n2.yaml] [--set ...]
+
+Datasets: `python -m raypd.generate --n-actions 2 --samples K --seed 42 --mu-range 0 0 --out DIR`.
+For each dataset and mode (memory: train.streaming=false, train and val held; stream:
+train.streaming=true, the training split streamed, val held when it fits) the command runs
+once per --epochs value; wall time per epoch is the difference of the two runs' wall times
+divided by the extra epochs (start-up, the one pass over the files, evaluation and interval
+calibration cancel out). Memory: every 0.25 s, the proportional set size (PSS: a shared
+page, such as Ray's object store, counted once over the processes that map it) summed over
+the command's process tree (the driver, Ray's processes, its workers), and the largest
+single process's RSS; the peak of each over the run.
+
+--study: one `python -m raypd.tune` study (the config's search, 4 trials by default through
+--set search.num_samples=4) on the dataset, its peak memory and wall time; the dataset is
+linked into a temporary ROOT/data under the name the study looks for.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from raypd.config import load_config  # noqa: E402
+from raypd.dataio import read_manifest  # noqa: E402
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def memory(pids: list[int]) -> tuple[int, int]:
+    """(sum of PSS, largest RSS) in bytes over pids."""
+    pss, rss = 0, 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in text.splitlines()[1:]}
+        pss += values.get("Pss", 0)
+        rss = max(rss, values.get("Rss", 0))
+    return pss, rss
+
+
+def run(command: list[str], log: Path) -> dict:
+    """Run a command to its end; its wall time and peak memory."""
+    peak = {"pss": 0, "rss": 0}
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+
+        def sample():
+            while process.poll() is None:
+                pss, rss = memory(tree(process.pid))
+                peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = process.wait()
+        sampler.join()
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}")
+    return {"seconds": time.perf_counter() - started, "peak_pss_gb": peak["pss"] / 1e9,
+            "peak_rss_gb": peak["rss"] / 1e9}
+
+
+def train_runs(args, work: Path) -> list[dict]:
+    rows = []
+    for data in args.data:
+        samples = read_manifest(data)["samples"]
+        for mode in args.modes:
+            runs = []
+            for epochs in args.epochs:
+                out = work / f"{Path(data).name}-{mode}-{epochs}"
+                command = [sys.executable, "-m", "raypd.train", "--config", args.config, "--data", data,
+                           "--out", str(out), "--set", f"train.epochs={epochs}", "--set", "train.patience=1000",
+                           "--set", f"train.streaming={'true' if mode == 'stream' else 'false'}",
+                           *[a for s in args.set for a in ("--set", s)]]
+                result = run(command, work / f"{out.name}.log")
+                metrics = json.loads((out / "metrics.json").read_text())
+                result.update(epochs=epochs, mse=metrics["mse"], streamed=metrics.get("streamed"),
+                              inner=sum(h["epoch_seconds"] for h in metrics["history"][1:]) /
+                              max(len(metrics["history"]) - 1, 1))
+                runs.append(result)
+                print(f"  {Path(data).name} {mode} {epochs} epochs: {result['seconds']:.1f} s, peak PSS "
+                      f"{result['peak_pss_gb']:.2f} GB, largest process {result['peak_rss_gb']:.2f} GB", flush=True)
+            first, last = runs[0], runs[-1]
+            per_epoch = (last["seconds"] - first["seconds"]) / (last["epochs"] - first["epochs"])
+            rows.append({"data": data, "samples": samples, "mode": mode, "s_per_epoch": per_epoch,
+                         "inner_s_per_epoch": last["inner"],
+                         "peak_pss_gb": max(r["peak_pss_gb"] for r in runs),
+                         "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "runs": runs})
+    return rows
+
+
+def study_run(args, work: Path) -> dict:
+    data = Path(args.data[0]).absolute()
+    manifest = read_manifest(data)
+    sets = [f"data.{key}={json.dumps(value)}" for key, value in manifest["settings"].items()]
+    sets += ["search.num_samples=4", *args.set]
+    config = load_config(args.config, sets)
+    root = work / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / config.data.dataset_name()).symlink_to(data)
+    command = [sys.executable, "-m", "raypd.tune", "--config", args.config, "--root", str(root),
+               *[a for s in sets for a in ("--set", s)]]
+    result = run(command, work / "study.log")
+    summary = json.loads(next((root / "tune").glob("*/summary.json")).read_text())
+    result.update(samples=manifest["samples"], trials=summary["num_trials"], epochs=summary["total_epochs"],
+                  test_mse=summary["best_test_metrics"]["mse"] if summary["best_test_metrics"] else None)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", nargs="+", required=True, help="dataset folders")
+    p.add_argument("--config", default=str(REPO / "tune_configs" / "n2.yaml"))
+    p.add_argument("--epochs", nargs=2, type=int, default=[1, 3])
+    p.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
+    p.add_argument("--set", action="append", default=[], help="passed on to the command")
+    p.add_argument("--study", action="store_true", help="one study of 4 trials on the first dataset")
+    p.add_argument("--keep", help="keep the runs' folders and logs here (default: a temporary folder)")
+    args = p.parse_args()
+    args.set = ["train.num_workers=0", *args.set]
+    with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
+        work = Path(tmp)
+        if args.study:
+            result = study_run(args, work)
+            print(f"study of {result['trials']} trials ({result['epochs']} epochs in all) on {result['samples']:,} "
+                  f"samples: {result['seconds'] / 60:.1f} min, peak PSS {result['peak_pss_gb']:.2f} GB (all "
+                  f"processes), largest process {result['peak_rss_gb']:.2f} GB; best test MSE {result['test_mse']}")
+            return
+        rows = train_runs(args, work)
+    print(f"\n{'samples':>9} {'mode':<7} {'s/epoch':>8} {'inner':>7} {'peak PSS GB':>11} {'largest GB':>10}")
+    for r in rows:
+        print(f"{r['samples']:>9,} {r['mode']:<7} {r['s_per_epoch']:>8.2f} {r['inner_s_per_epoch']:>7.2f} "
+              f"{r['peak_pss_gb']:>11.2f} {r['peak_rss_gb']:>10.2f}")
+    by = {(r["samples"], r["mode"]): r for r in rows}
+    for samples in sorted({r["samples"] for r in rows}):
+        if (samples, "memory") in by and (samples, "stream") in by:
+            ratio = by[(samples, "stream")]["s_per_epoch"] / by[(samples, "memory")]["s_per_epoch"]
+            print(f"{samples:,} samples: streaming epochs take {ratio:.2f}x the in-memory epochs (wall time)")
+    sizes = sorted({r["samples"] for r in rows})
+    for mode in args.modes:
+        if (sizes[0], mode) in by and len(sizes) > 1:
+            grow = by[(sizes[-1], mode)]["peak_pss_gb"] - by[(sizes[0], mode)]["peak_pss_gb"]
+            print(f"{mode}: peak PSS grows by {grow:+.2f} GB from {sizes[0]:,} to {sizes[-1]:,} samples")
+
+
+if __name__ == "__main__":
+    main()
