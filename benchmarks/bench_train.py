@@ -15,8 +15,8 @@ machine's default in local mode, num_workers 0).
 
 All runs: the notebook's first model (filters [64], kernel 3, hidden [32], dropout 0.3), Adam,
 batch 64, n=1 samples split 70/15/15; an epoch is a pass over the training split plus the
-validation loss. An earlier comparison of the data path (object store vs get_dataset_shard +
-iter_torch_batches, 0.52 s vs 1.12 s per epoch) is why raypd hands workers the prepared arrays.
+validation loss. Held in memory or streamed through Ray Data, and how that scales with the
+dataset's size: benchmarks/bench_data.py.
 """
 
 import argparse

@@ -54,6 +54,8 @@ CASES = [
     ("train", "", ["--set", "train.epochs=0"], "train.epochs must be >= 1"),
     ("train", "", ["--set", "train.split=[0.5,0.5,0.5]"], "train.split must be three fractions"),
     ("train", "", ["--set", "train.gpus_per_worker=1.5"], "train.gpus_per_worker must be a fraction"),
+    ("train", "", ["--set", "train.shuffle_buffer=0"], "train.shuffle_buffer must be >= 1 row"),
+    ("train", "", ["--set", "train.streaming=maybe"], "train.streaming must be bool | None (got 'maybe')"),
     ("train", "", ["--set", "lr"], "--set 'lr' must look like key=value"),
     ("train", "", ["--set", "train.split=[0.98,0.01,0.01]"], "of the dataset's 40 leaves the val split empty (39/0/1)"),
     ("tune", "", ["--set", "data.samples=5"], "of data.samples 5 leaves the test split empty (4/1/0)"),

@@ -202,6 +202,23 @@ def test_missing_study_and_print_config(tmp_path):
     assert printed["search"]["derive"]["model.filters"] == {"repeat": [64, "conv_layers"]}
 
 
+def test_trials_that_hold_every_cpu_stream_the_training_split(ray_local, tmp_path):
+    """Two trials at a time on this module's 2-CPU Ray, each holding 1 CPU, stream the
+    training split through Ray Data (train.streaming): the stream's tasks take no CPU, so
+    they run beside the trials instead of waiting for ever; every epoch sees every sample."""
+    from raypd.train import read_state
+
+    config = load_config(SMOKE, ["train.streaming=true", "search.num_samples=2", "train.epochs=2",
+                                 "search.scheduler=fifo"])
+    summary = run_study(config, "stream", tmp_path)
+    assert [t["status"] for t in summary["trials"]] == ["TERMINATED"] * 2
+    for trial in summary["trials"]:
+        history = read_state(Path(trial["path"]) / "checkpoints" / "last")["history"]
+        assert [h["samples"] for h in history] == [420, 420]  # 70% of 600
+    assert summary["best_test_metrics"]["n_test"] == 90
+    assert (tmp_path / "tune" / "stream" / "test_split.parquet").exists()
+
+
 def test_a_diverging_trial_is_an_error_and_the_study_goes_on(ray_local, tmp_path):
     """lr 1e30 drives the weights to inf: the loop stops with FloatingPointError; Tune and
     MLflow record that trial as failed, the other trials finish."""
