@@ -3,8 +3,9 @@ epoch of the whole `python -m raypd.train` command, with the series held in memo
 streamed through Ray Data, in one run on this machine.
 
     python benchmarks/bench_data.py --data DIR [DIR ...] [--config tune_configs/n2.yaml]
-                                    [--epochs 1 3] [--modes memory stream] [--set KEY=VALUE ...]
+                                    [--epochs 1 3] [--modes memory stream] [--repeat 1] [--set KEY=VALUE ...]
     python benchmarks/bench_data.py --study --data DIR [--config tune_configs/n2.yaml] [--set ...]
+    python benchmarks/bench_data.py --shuffle --data DIR [--shuffle-set shuffle_buffer=N]
 
 Datasets: `python -m raypd.generate --n-actions 2 --samples K --seed 42 --mu-range 0 0 --out DIR`.
 For each dataset and mode (memory: train.streaming=false, train and val held; stream:
@@ -15,6 +16,9 @@ calibration cancel out). Memory: every 0.25 s, the proportional set size (PSS: a
 page, such as Ray's object store, counted once over the processes that map it) summed over
 the command's process tree (the driver, Ray's processes, its workers), and the largest
 single process's RSS; the peak of each over the run.
+
+--shuffle: one epoch of the first dataset's stream, and how close its order is to a full
+permutation (distinct files per batch; the share of the epoch a file's samples spread over).
 
 --study: one `python -m raypd.tune` study (the config's search, 4 trials by default through
 --set search.num_samples=4) on the dataset, its peak memory and wall time; the dataset is
@@ -92,31 +96,42 @@ def run(command: list[str], log: Path) -> dict:
 
 
 def train_runs(args, work: Path) -> list[dict]:
+    """Each dataset: --repeat rounds, each running every mode for both epoch counts in turn
+    (memory and stream alternate, so a slow spell of a shared machine hits both); per mode the
+    median over rounds of the differenced wall time per epoch."""
+    import statistics
+
     rows = []
     for data in args.data:
         samples = read_manifest(data)["samples"]
-        for mode in args.modes:
-            runs = []
+        runs: dict[str, list] = {mode: [] for mode in args.modes}
+        for round_ in range(args.repeat):
             for epochs in args.epochs:
-                out = work / f"{Path(data).name}-{mode}-{epochs}"
-                command = [sys.executable, "-m", "raypd.train", "--config", args.config, "--data", data,
-                           "--out", str(out), "--set", f"train.epochs={epochs}", "--set", "train.patience=1000",
-                           "--set", f"train.streaming={'true' if mode == 'stream' else 'false'}",
-                           *[a for s in args.set for a in ("--set", s)]]
-                result = run(command, work / f"{out.name}.log")
-                metrics = json.loads((out / "metrics.json").read_text())
-                result.update(epochs=epochs, mse=metrics["mse"], streamed=metrics.get("streamed"),
-                              inner=sum(h["epoch_seconds"] for h in metrics["history"][1:]) /
-                              max(len(metrics["history"]) - 1, 1))
-                runs.append(result)
-                print(f"  {Path(data).name} {mode} {epochs} epochs: {result['seconds']:.1f} s, peak PSS "
-                      f"{result['peak_pss_gb']:.2f} GB, largest process {result['peak_rss_gb']:.2f} GB", flush=True)
-            first, last = runs[0], runs[-1]
-            per_epoch = (last["seconds"] - first["seconds"]) / (last["epochs"] - first["epochs"])
-            rows.append({"data": data, "samples": samples, "mode": mode, "s_per_epoch": per_epoch,
-                         "inner_s_per_epoch": last["inner"],
-                         "peak_pss_gb": max(r["peak_pss_gb"] for r in runs),
-                         "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "runs": runs})
+                for mode in args.modes:
+                    out = work / f"{Path(data).name}-{mode}-{epochs}-{round_}"
+                    command = [sys.executable, "-m", "raypd.train", "--config", args.config, "--data", data,
+                               "--out", str(out), "--set", f"train.epochs={epochs}", "--set", "train.patience=1000",
+                               "--set", f"train.streaming={'true' if mode == 'stream' else 'false'}",
+                               *[a for s in args.set for a in ("--set", s)]]
+                    result = run(command, work / f"{out.name}.log")
+                    metrics = json.loads((out / "metrics.json").read_text())
+                    result.update(epochs=epochs, round=round_, mse=metrics["mse"], streamed=metrics.get("streamed"),
+                                  inner=sum(h["epoch_seconds"] for h in metrics["history"][1:]) /
+                                  max(len(metrics["history"]) - 1, 1))
+                    runs[mode].append(result)
+                    print(f"  {Path(data).name} {mode} {epochs} epochs: {result['seconds']:.1f} s, peak PSS "
+                          f"{result['peak_pss_gb']:.2f} GB, largest process {result['peak_rss_gb']:.2f} GB",
+                          flush=True)
+        for mode, done in runs.items():
+            per_epoch = []
+            for round_ in range(args.repeat):
+                first, last = (next(r for r in done if r["round"] == round_ and r["epochs"] == e) for e in args.epochs)
+                per_epoch.append((last["seconds"] - first["seconds"]) / (last["epochs"] - first["epochs"]))
+            rows.append({"data": data, "samples": samples, "mode": mode, "s_per_epoch": statistics.median(per_epoch),
+                         "s_per_epoch_all": per_epoch,
+                         "inner_s_per_epoch": statistics.median(r["inner"] for r in done if r["epochs"] == args.epochs[1]),
+                         "peak_pss_gb": max(r["peak_pss_gb"] for r in done),
+                         "peak_rss_gb": max(r["peak_rss_gb"] for r in done), "runs": done})
     return rows
 
 
@@ -138,16 +153,79 @@ def study_run(args, work: Path) -> dict:
     return result
 
 
+def shuffle_run(args) -> dict:
+    """One epoch of the first dataset's training split through raypd's stream (its files in a
+    shuffled order, batches of 32 drawn from a shuffle buffer of train.shuffle_buffer rows):
+    how close to a full permutation it is. Per batch, the number of distinct files its
+    samples come from, against the expected number under a full permutation; per file, the
+    share of the epoch its samples are spread over (first to last, ~1 under a full
+    permutation)."""
+    import numpy as np
+    import ray
+
+    from raypd.config import TrainConfig
+    from raypd.dataset import open_dataset, prepare, stream_split
+    from raypd.train import stream_batches
+
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train = TrainConfig(input_norm="sample+scale", **{k: int(v) for k, v in (s.split("=", 1) for s in args.shuffle_set)})
+    data = prepare(args.data[0], train, held=("val",))
+    files = open_dataset(args.data[0]).manifest["files"]
+    file_of = np.repeat(np.arange(len(files)), [f["rows"] for f in files])
+    # a sample is known by its standardised targets (float32 rows; no two alike here)
+    id_of = {row.tobytes(): i for row, i in zip(data.targets["train"], data.sample_ids["train"])}
+    assert len(id_of) == len(data.sample_ids["train"]), "two training samples with the same targets"
+    stream = stream_split(data, "train", shuffle_seed=0).streaming_split(1)[0]
+    order = []
+    distinct = []
+    for _, y in stream_batches(stream, 32, train.shuffle_buffer, seed=0):
+        ids = [id_of[row.tobytes()] for row in y.numpy()]
+        order += ids
+        distinct.append(len(set(file_of[ids])))
+    ray.shutdown()
+    order = np.array(order)
+    assert np.array_equal(np.sort(order), data.sample_ids["train"]), "not every sample once"
+    per_file = np.bincount(file_of[data.sample_ids["train"]], minlength=len(files))
+    # expected distinct files in 32 draws without replacement from the training rows
+    expected = sum(1 - np.prod([(per_file.sum() - k - j) / (per_file.sum() - j) for j in range(32)])
+                   for k in per_file if k)
+    position = np.empty(len(order))
+    position[np.argsort(order)] = np.arange(len(order)) / len(order)
+    spans = []
+    for f in range(len(files)):
+        rows = np.searchsorted(data.sample_ids["train"], data.sample_ids["train"][file_of[data.sample_ids["train"]] == f])
+        if rows.size:
+            spans.append(position[rows].max() - position[rows].min())
+    return {"samples": len(order), "files": len(files), "buffer": train.shuffle_buffer,
+            "distinct_files_per_batch": float(np.mean(distinct[:-1])), "expected_full_permutation": float(expected),
+            "file_span_median": float(np.median(spans)), "file_span_max": float(np.max(spans))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", nargs="+", required=True, help="dataset folders")
     p.add_argument("--config", default=str(REPO / "tune_configs" / "n2.yaml"))
     p.add_argument("--epochs", nargs=2, type=int, default=[1, 3])
     p.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
+    p.add_argument("--repeat", type=int, default=1, help="rounds; s/epoch is the median over them")
     p.add_argument("--set", action="append", default=[], help="passed on to the command")
     p.add_argument("--study", action="store_true", help="one study of 4 trials on the first dataset")
     p.add_argument("--keep", help="keep the runs' folders and logs here (default: a temporary folder)")
+    p.add_argument("--shuffle", action="store_true", help="how close the stream's order is to a full permutation")
+    p.add_argument("--shuffle-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="TrainConfig fields for --shuffle, e.g. shuffle_buffer=20000")
     args = p.parse_args()
+    if args.shuffle:
+        result = shuffle_run(args)
+        print(f"one epoch of {result['samples']:,} training samples from {result['files']} files, shuffle buffer "
+              f"{result['buffer']:,}: {result['distinct_files_per_batch']:.1f} distinct files per batch of 32 "
+              f"(a full permutation: {result['expected_full_permutation']:.1f}); a file's samples spread over "
+              f"{result['file_span_median']:.1%} of the epoch (median; max {result['file_span_max']:.1%}; a full "
+              "permutation: ~100%)")
+        return
     args.set = ["train.num_workers=0", *args.set]
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         work = Path(tmp)
@@ -161,7 +239,8 @@ def main() -> None:
     print(f"\n{'samples':>9} {'mode':<7} {'s/epoch':>8} {'inner':>7} {'peak PSS GB':>11} {'largest GB':>10}")
     for r in rows:
         print(f"{r['samples']:>9,} {r['mode']:<7} {r['s_per_epoch']:>8.2f} {r['inner_s_per_epoch']:>7.2f} "
-              f"{r['peak_pss_gb']:>11.2f} {r['peak_rss_gb']:>10.2f}")
+              f"{r['peak_pss_gb']:>11.2f} {r['peak_rss_gb']:>10.2f}"
+              + (f"   rounds: {', '.join(f'{v:.2f}' for v in r['s_per_epoch_all'])}" if args.repeat > 1 else ""))
     by = {(r["samples"], r["mode"]): r for r in rows}
     for samples in sorted({r["samples"] for r in rows}):
         if (samples, "memory") in by and (samples, "stream") in by:
