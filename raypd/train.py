@@ -476,11 +476,16 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
         generate(config.data, data_dir, address=address)
     files = open_dataset(data_dir)
     check_fits(config, files.series_shape[1])
+    # the one pass over the files, before Ray starts (a damaged file stops here): what this
+    # machine's object store could hold is held, then dropped if a smaller node could not
+    data = prepare(data_dir, config.train, held=held_splits(config.train, files, local_store_bytes()))
     init_ray(address)
     import ray
 
+    for split in set(data.series) - set(held_splits(config.train, files)):
+        del data.series[split]
     # the one copy of what training holds: in the object store (the driver's is dropped)
-    data_ref = ray.put(prepare(data_dir, config.train, held=held_splits(config.train, files)))
+    data_ref = ray.put(data)
     data = ray.get(data_ref)
     check_resumable(workdir, model_meta(config, data))
     check_shared(workdir.parent)
@@ -507,6 +512,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
 # store, read by every trial on the node) while what it holds takes at most this share of the
 # smallest node's object store; it streams the rest from the dataset's files.
 IN_MEMORY_SHARE = 1 / 8
+
+
+def local_store_bytes() -> float:
+    """The object store Ray gives this machine when it starts here: 30% of its memory
+    (ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION)."""
+    return 0.3 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def held_splits(train: TrainConfig, files: DatasetFiles, store_bytes: float | None = None) -> tuple[str, ...]:
