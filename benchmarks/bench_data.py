@@ -18,7 +18,8 @@ the command's process tree (the driver, Ray's processes, its workers), and the l
 single process's RSS; the peak of each over the run.
 
 --shuffle: one epoch of the first dataset's stream, and how close its order is to a full
-permutation (distinct files per batch; the share of the epoch a file's samples spread over).
+permutation (distinct files per batch; the share of the epoch between the quartiles of a
+file's samples).
 
 --study: one `python -m raypd.tune` study (the config's search, 4 trials by default through
 --set search.num_samples=4) on the dataset, its peak memory and wall time; the dataset is
@@ -158,7 +159,7 @@ def shuffle_run(args) -> dict:
     shuffled order, batches of 32 drawn from a shuffle buffer of train.shuffle_buffer rows):
     how close to a full permutation it is. Per batch, the number of distinct files its
     samples come from, against the expected number under a full permutation; per file, the
-    share of the epoch its samples are spread over (first to last, ~1 under a full
+    share of the epoch between the quartiles of its samples' positions (~1/2 under a full
     permutation)."""
     import numpy as np
     import ray
@@ -198,7 +199,7 @@ def shuffle_run(args) -> dict:
     for f in range(len(files)):
         rows = np.searchsorted(data.sample_ids["train"], data.sample_ids["train"][file_of[data.sample_ids["train"]] == f])
         if rows.size:
-            spans.append(position[rows].max() - position[rows].min())
+            spans.append(np.percentile(position[rows], 75) - np.percentile(position[rows], 25))
     return {"samples": len(order), "files": len(files), "buffer": train.shuffle_buffer,
             "distinct_files_per_batch": float(np.mean(distinct[:-1])), "expected_full_permutation": float(expected),
             "file_span_median": float(np.median(spans)), "file_span_max": float(np.max(spans))}
@@ -223,8 +224,8 @@ def main() -> None:
         print(f"one epoch of {result['samples']:,} training samples from {result['files']} files, shuffle buffer "
               f"{result['buffer']:,}: {result['distinct_files_per_batch']:.1f} distinct files per batch of 32 "
               f"(a full permutation: {result['expected_full_permutation']:.1f}); a file's samples spread over "
-              f"{result['file_span_median']:.1%} of the epoch (median; max {result['file_span_max']:.1%}; a full "
-              "permutation: ~100%)")
+              f"{result['file_span_median']:.1%} of the epoch between their quartiles (median over files; max "
+              f"{result['file_span_max']:.1%}; a full permutation: ~50%)")
         return
     args.set = ["train.num_workers=0", *args.set]
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
