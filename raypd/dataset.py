@@ -349,7 +349,12 @@ class Prepared:
 
     def standardise(self, raw: np.ndarray) -> np.ndarray:
         """(N, n_targets) raw targets -> the model's (N, k) float32 training targets."""
-        return ((raw - self.mean) / self.std)[:, self.varying].astype(np.float32)
+        return standardise_targets(raw, self.mean, self.std, self.varying)
+
+
+def standardise_targets(raw: np.ndarray, mean, std, varying) -> np.ndarray:
+    """(N, n_targets) raw targets -> the model's (N, k) float32 targets (targets_to_raw's inverse)."""
+    return ((raw - mean) / std)[:, varying].astype(np.float32)
 
 
 def series_bytes(samples: int, series_shape, train: TrainConfig, split: str) -> int:
@@ -458,7 +463,7 @@ class SplitRows:
         raw = np.concatenate([values("params"), values("ic")], axis=1)
         series = values("series").astype(np.float32, copy=False).reshape(-1, *self.shape)
         return {"x": apply_input_norm(series, self.input_norm),
-                "y": ((raw - self.mean) / self.std)[:, self.varying].astype(np.float32)}
+                "y": standardise_targets(raw, self.mean, self.std, self.varying)}
 
 
 def stream_split(data: Prepared, split: str, shuffle_seed: int | None = None):

@@ -575,12 +575,14 @@ def interval_coverage(best: Path, data: Prepared, level: float | None = None) ->
     model = SavedModel.load(best)
     out = {"level": level}
     rng = np.random.default_rng(12345)
-    for name, noise in (("clean", 0.0), ("noise_2pct", 0.02)):
-        bounds = []
-        for _, raw, series in split_series(data, "test"):
+    kinds = (("clean", 0.0), ("noise_2pct", 0.02))
+    bounds = {name: [] for name, _ in kinds}
+    for _, raw, series in split_series(data, "test"):  # one read of the files for both kinds
+        for name, noise in kinds:  # (clean draws no noise: the noisy draws come as before)
             _, lower, upper = model.predict_with_intervals(add_noise(series, noise, rng).astype(np.float32), level)
-            bounds.append((lower, upper))
-        out[name] = coverage(np.concatenate([b[0] for b in bounds]), np.concatenate([b[1] for b in bounds]),
+            bounds[name].append((lower, upper))
+    for name, _ in kinds:
+        out[name] = coverage(np.concatenate([b[0] for b in bounds[name]]), np.concatenate([b[1] for b in bounds[name]]),
                              data.raw_targets["test"], data.target_names)
     return out
 
