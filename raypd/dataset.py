@@ -498,11 +498,15 @@ STREAM_STORE_BYTES = 256 * 2**20
 
 def stream_options():
     """Ray Data's execution options for a training stream: Ray Train's for data ingest, with
-    the stream's object store use bounded (STREAM_STORE_BYTES)."""
+    the stream's object store use bounded (STREAM_STORE_BYTES) and its files delivered in the
+    shuffled order, not as their reads finish: with the seeded local shuffle (stream_batches)
+    a single-process run is then the same run every time (a worker group's workers still take
+    blocks as they ask for them)."""
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
     options.resource_limits = options.resource_limits.copy(object_store_memory=STREAM_STORE_BYTES)
+    options.preserve_order = True
     return options
 
 

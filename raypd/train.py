@@ -179,7 +179,8 @@ def stream_batches(stream, batch_size: int, shuffle_buffer: int = 0, seed: int |
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for chunk in stream.iter_torch_batches(batch_size=STREAM_CHUNK if shuffle_buffer else batch_size,
-                                           local_shuffle_buffer_size=shuffle_buffer or None, device="cpu"):
+                                           local_shuffle_buffer_size=shuffle_buffer or None,
+                                           local_shuffle_seed=seed if shuffle_buffer else None, device="cpu"):
         x, y = chunk["x"], chunk["y"]
         order = torch.randperm(len(y), generator=generator) if shuffle_buffer else torch.arange(len(y))
         for start in range(0, len(y), batch_size):

@@ -92,6 +92,12 @@ def test_a_stream_yields_every_training_sample_once_per_epoch_in_a_new_order(dat
         epochs.append(y)
     # shuffled: neither in sample_id order nor in last epoch's order
     assert not np.array_equal(epochs[0], expected) and not np.array_equal(epochs[0], epochs[1])
+    # and the same order again from the same seeds (files in the shuffled order, not as their
+    # reads finish; a seeded local shuffle): a streamed run repeats
+    again = stream_split(data, "train", shuffle_seed=0)
+    for epoch in range(2):
+        y = np.concatenate([b[1].numpy() for b in stream_batches(again, 16, shuffle_buffer=100, seed=epoch)])
+        assert np.array_equal(y, epochs[epoch])
     # the inputs are the stored series, normalised as the model's saved normalisation says
     position = {row.tobytes(): i for i, row in enumerate(expected)}
     rows = np.array([position[row.tobytes()] for row in epochs[1]])
@@ -128,6 +134,12 @@ def test_training_through_a_stream_sees_every_sample_each_epoch_and_learns_as_in
     assert abs(mean["stream"] - mean["memory"]) < 0.1 * mean["memory"], mean
     mse = {mode: np.mean([run["mse"] for run in runs]) for mode, runs in both_ways.items()}
     assert abs(mse["stream"] - mse["memory"]) < 0.15 * mse["memory"], mse
+
+
+def test_a_streamed_run_repeats_given_its_seed(both_ways, data_dir, tmp_path):
+    again = train_and_evaluate(small(streaming=True, seed=0), tmp_path / "again", data_dir)
+    assert [h["train_loss"] for h in again["history"]] == [h["train_loss"] for h in both_ways["stream"][0]["history"]]
+    assert again["mse"] == both_ways["stream"][0]["mse"]
 
 
 def test_the_in_memory_path_holds_train_and_val_only(data_dir):
