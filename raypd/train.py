@@ -496,10 +496,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     with hold(workdir / ".raypd.lock", f"training folder {workdir}"):  # one writer, also across nodes
         fit(config, data_ref, workdir)
     best = workdir / "checkpoints" / "best"
-    calibrate_best(best, data)
-    y_true, y_pred = predict_split(best, data, "test")
-    out = metrics(y_true, y_pred, data.target_names)
-    out["intervals"] = interval_coverage(best, data)
+    out, y_true, y_pred = evaluate_best(best, data)
     history = read_state(workdir / "checkpoints" / "last")["history"]
     out.update(epochs=history[-1]["epoch"], best_val_loss=min(h["val_loss"] for h in history),
                history=history, dataset=str(data_dir), content_hash=files.manifest["content_hash"],
@@ -546,46 +543,61 @@ def held_splits(train: TrainConfig, files: DatasetFiles, store_bytes: float | No
 CALIBRATION_ROWS = 20_000  # validation series the model-only intervals are calibrated on
 
 
-def calibrate_best(best: Path, data: Prepared) -> None:
-    """The best checkpoint's model-only intervals, calibrated on (at most CALIBRATION_ROWS of)
-    the validation split (clean and noisy, raypd.intervals) and saved in its meta."""
-    from raypd.serve import add_calibration
+def evaluate_best(best: Path, data: Prepared, split_files: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The model in checkpoint folder `best` evaluated: its model-only intervals calibrated on
+    (at most CALIBRATION_ROWS of) the validation split, clean and noisy (raypd.intervals), and
+    saved in its meta; then its test metrics in raw units, with the coverage of its 90%
+    intervals clean and with 2% observation noise (not the validation split's noise draws).
+    Returns (metrics with "intervals", raw test targets, raw test predictions).
 
-    chunks = list(split_series(data, "val", limit=CALIBRATION_ROWS))
-    add_calibration(best, np.concatenate([c[2] for c in chunks]), np.concatenate([c[1] for c in chunks]),
-                    seed=int(data.sample_ids["val"][0]))
-
-
-def predict_split(checkpoint: Path, data: Prepared, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Raw targets and the raw-unit predictions of the model in `checkpoint` for a split,
-    read a file at a time."""
-    from raypd.serve import SavedModel
-
-    model = SavedModel.load(checkpoint)
-    chunks = [(raw, model.predict(series)) for _, raw, series in split_series(data, split)]
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-
-
-def interval_coverage(best: Path, data: Prepared, level: float | None = None) -> dict:
-    """Coverage of the model-only intervals at `level` (default 0.9) on the test split, clean
-    and with 2% observation noise (not the validation split's noise draws)."""
+    One read of each split's files, a file at a time: split_files {split: path} are written
+    from the same reads (raypd.tune's split files, write_test_split)."""
     from raypd.intervals import DEFAULT_LEVEL, add_noise, coverage
-    from raypd.serve import SavedModel
+    from raypd.serve import SavedModel, add_calibration, write_test_split
 
-    level = DEFAULT_LEVEL if level is None else level
+    split_files = split_files or {}
+
+    def read(split, use, limit=None):  # each chunk to `use`, and to the split's file if it has one
+        chunks = split_series(data, split, limit=None if split in split_files else limit)
+        used = (use(*chunk) or chunk for chunk in chunks)
+        if split in split_files:
+            write_test_split(split_files[split], used)
+        else:
+            for _ in used:
+                pass
+
+    calibration = []
+
+    def calibrate(_, raw, series):
+        if sum(len(c[0]) for c in calibration) < CALIBRATION_ROWS:
+            calibration.append((raw, series))
+
+    read("val", calibrate, limit=CALIBRATION_ROWS)
+    targets, series = (np.concatenate(parts)[:CALIBRATION_ROWS] for parts in zip(*calibration))
+    add_calibration(best, series, targets, seed=int(data.sample_ids["val"][0]))
+
     model = SavedModel.load(best)
-    out = {"level": level}
     rng = np.random.default_rng(12345)
     kinds = (("clean", 0.0), ("noise_2pct", 0.02))
-    bounds = {name: [] for name, _ in kinds}
-    for _, raw, series in split_series(data, "test"):  # one read of the files for both kinds
+    raw_targets, estimates, bounds = [], [], {name: [] for name, _ in kinds}
+
+    def test(_, raw, series):
+        raw_targets.append(raw)
         for name, noise in kinds:  # (clean draws no noise: the noisy draws come as before)
-            _, lower, upper = model.predict_with_intervals(add_noise(series, noise, rng).astype(np.float32), level)
+            estimate, lower, upper = model.predict_with_intervals(add_noise(series, noise, rng).astype(np.float32),
+                                                                  DEFAULT_LEVEL)
             bounds[name].append((lower, upper))
+            if not noise:
+                estimates.append(estimate)
+
+    read("test", test)
+    y_true, y_pred = np.concatenate(raw_targets), np.concatenate(estimates)
+    out = metrics(y_true, y_pred, data.target_names)
+    out["intervals"] = {"level": DEFAULT_LEVEL}
     for name, _ in kinds:
-        out[name] = coverage(np.concatenate([b[0] for b in bounds[name]]), np.concatenate([b[1] for b in bounds[name]]),
-                             data.raw_targets["test"], data.target_names)
-    return out
+        out["intervals"][name] = coverage(np.concatenate([b[0] for b in bounds[name]]),
+                                          np.concatenate([b[1] for b in bounds[name]]), y_true, data.target_names)
+    return out, y_true, y_pred
 
 
 def write_predictions(path: Path, sample_ids: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> None:

@@ -22,14 +22,12 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from raypd import __version__
 from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
 from raypd.dataio import read_json
-from raypd.dataset import metrics, open_dataset, prepare, split_series, write_json
+from raypd.dataset import open_dataset, prepare, split_series, write_json
 from raypd.lock import hold
 from raypd.serve import TEST_SPLIT_FILE, VAL_SPLIT_FILE, write_test_split
 
@@ -406,9 +404,6 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
             raise KeyboardInterrupt
         summary = summarise(config, name, results, prepared, study_dir)
         finish_mlflow(tracking_uri, name, summary)
-        # report and predict --refine read these, not ROOT/data
-        for split, file in (("test", TEST_SPLIT_FILE), ("val", VAL_SPLIT_FILE)):
-            write_test_split(study_dir / file, split_series(prepared, split))
         write_json(study_dir / SUMMARY_FILE, summary)
         register_best(name, summary, tracking_uri, study_dir)
         return summary
@@ -572,8 +567,10 @@ def tune_config(config: Config, concurrent: int, study_name: str, study_dir: Pat
 def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> dict:
     """summary.json: the best trial (by its best validation loss), its best checkpoint
     (its model-only intervals calibrated on the validation split) evaluated on the test split
-    in raw units, with its intervals' coverage, and one entry per trial."""
-    from raypd.train import calibrate_best, interval_coverage, predict_split, read_state
+    in raw units, with its intervals' coverage, and one entry per trial. The study's split
+    files (what report and predict --refine read, not ROOT/data) are written from the same
+    reads of the dataset's files."""
+    from raypd.train import evaluate_best, read_state
 
     trials = []
     for result in results:
@@ -603,12 +600,12 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
                "best_val_loss": best["val_loss"] if best else None,
                "best_checkpoint": str(Path(best["path"]) / "checkpoints" / "best") if best else None,
                "best_test_metrics": None, "trials": trials}
+    split_files = {"test": study_dir / TEST_SPLIT_FILE, "val": study_dir / VAL_SPLIT_FILE}
     if best:
-        checkpoint = Path(summary["best_checkpoint"])
-        calibrate_best(checkpoint, prepared)
-        y_true, y_pred = predict_split(checkpoint, prepared, "test")
-        summary["best_test_metrics"] = metrics(y_true, y_pred, prepared.target_names)
-        summary["best_test_metrics"]["intervals"] = interval_coverage(checkpoint, prepared)
+        summary["best_test_metrics"], _, _ = evaluate_best(Path(summary["best_checkpoint"]), prepared, split_files)
+    else:
+        for split, path in split_files.items():
+            write_test_split(path, split_series(prepared, split))
     return summary
 
 
