@@ -15,7 +15,7 @@ divided by the extra epochs (start-up, the one pass over the files, evaluation a
 calibration cancel out). Memory: every 0.25 s, the proportional set size (PSS: a shared
 page, such as Ray's object store, counted once over the processes that map it) summed over
 the command's process tree (the driver, Ray's processes, its workers), and the largest
-single process's RSS; the peak of each over the run.
+single process's RSS; the peak of each over the run (--study: also each process's own peaks).
 
 --shuffle: one epoch of the first dataset's stream, and how close its order is to a full
 permutation (distinct files per batch; the share of the epoch between the quartiles of a
@@ -28,7 +28,6 @@ linked into a temporary ROOT/data under the name the study looks for.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -59,31 +58,40 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def memory(pids: list[int]) -> tuple[int, int]:
-    """(sum of PSS, largest RSS) in bytes over pids."""
-    pss, rss = 0, 0
+def memory(pids: list[int]) -> dict[int, tuple[str, int, int]]:
+    """{pid: (what it is, PSS, RSS in bytes)}: its command line (a Ray worker's says what it
+    runs, e.g. ray::ImplicitFunc.train for a Tune trial)."""
+    out = {}
     for pid in pids:
         try:
             text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in text.splitlines()[1:]}
-        pss += values.get("Pss", 0)
-        rss = max(rss, values.get("Rss", 0))
-    return pss, rss
+        out[pid] = (" ".join(name.split()[:4])[:80], values.get("Pss", 0), values.get("Rss", 0))
+    return out
 
 
 def run(command: list[str], log: Path) -> dict:
-    """Run a command to its end; its wall time and peak memory."""
+    """Run a command to its end; its wall time and peak memory: of all its processes together
+    (PSS), and of each process (its peak PSS and RSS, under the name it had at its PSS peak)."""
     peak = {"pss": 0, "rss": 0}
+    processes: dict[int, dict] = {}
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
         def sample():
             while process.poll() is None:
-                pss, rss = memory(tree(process.pid))
-                peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+                now = memory(tree(process.pid))
+                peak["pss"] = max(peak["pss"], sum(pss for _, pss, _ in now.values()))
+                peak["rss"] = max([peak["rss"], *(rss for _, _, rss in now.values())])
+                for pid, (name, pss, rss) in now.items():
+                    seen = processes.setdefault(pid, {"name": name, "pss": 0, "rss": 0})
+                    if pss > seen["pss"]:
+                        seen.update(name=name, pss=pss)
+                    seen["rss"] = max(seen["rss"], rss)
                 time.sleep(0.25)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -92,8 +100,11 @@ def run(command: list[str], log: Path) -> dict:
         sampler.join()
     if code != 0:
         raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}")
+    largest = sorted(processes.values(), key=lambda p: -p["pss"])[:8]
     return {"seconds": time.perf_counter() - started, "peak_pss_gb": peak["pss"] / 1e9,
-            "peak_rss_gb": peak["rss"] / 1e9}
+            "peak_rss_gb": peak["rss"] / 1e9,
+            "processes": [{"name": p["name"], "peak_pss_gb": p["pss"] / 1e9, "peak_rss_gb": p["rss"] / 1e9}
+                          for p in largest]}
 
 
 def train_runs(args, work: Path) -> list[dict]:
@@ -235,6 +246,10 @@ def main() -> None:
             print(f"study of {result['trials']} trials ({result['epochs']} epochs in all) on {result['samples']:,} "
                   f"samples: {result['seconds'] / 60:.1f} min, peak PSS {result['peak_pss_gb']:.2f} GB (all "
                   f"processes), largest process {result['peak_rss_gb']:.2f} GB; best test MSE {result['test_mse']}")
+            print("the largest processes (peak PSS: its own pages, and its share of pages it maps with others, "
+                  "such as the object store's; peak RSS counts every page it maps):")
+            for p in result["processes"]:
+                print(f"  {p['peak_pss_gb']:6.2f} GB PSS {p['peak_rss_gb']:6.2f} GB RSS  {p['name']}")
             return
         rows = train_runs(args, work)
     print(f"\n{'samples':>9} {'mode':<7} {'s/epoch':>8} {'inner':>7} {'peak PSS GB':>11} {'largest GB':>10}")
