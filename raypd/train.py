@@ -566,11 +566,13 @@ def evaluate_best(best: Path, data: Prepared, split_files: dict | None = None) -
             for _ in used:
                 pass
 
-    calibration = []
+    calibration, calibration_rows = [], 0
 
-    def calibrate(_, raw, series):
-        if sum(len(c[0]) for c in calibration) < CALIBRATION_ROWS:
+    def calibrate(_, raw, series):  # the first CALIBRATION_ROWS (a split file wants them all read)
+        nonlocal calibration_rows
+        if calibration_rows < CALIBRATION_ROWS:
             calibration.append((raw, series))
+            calibration_rows += len(raw)
 
     read("val", calibrate, limit=CALIBRATION_ROWS)
     targets, series = (np.concatenate(parts)[:CALIBRATION_ROWS] for parts in zip(*calibration))
@@ -584,8 +586,8 @@ def evaluate_best(best: Path, data: Prepared, split_files: dict | None = None) -
     def test(_, raw, series):
         raw_targets.append(raw)
         for name, noise in kinds:  # (clean draws no noise: the noisy draws come as before)
-            estimate, lower, upper = model.predict_with_intervals(add_noise(series, noise, rng).astype(np.float32),
-                                                                  DEFAULT_LEVEL)
+            observed = add_noise(series, noise, rng).astype(np.float32) if noise else series
+            estimate, lower, upper = model.predict_with_intervals(observed, DEFAULT_LEVEL)
             bounds[name].append((lower, upper))
             if not noise:
                 estimates.append(estimate)
