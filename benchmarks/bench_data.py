@@ -193,7 +193,7 @@ def shuffle_run(args) -> dict:
     stream = stream_split(data, "train", shuffle_seed=0).streaming_split(1)[0]
     order = []
     distinct = []
-    for _, y in stream_batches(stream, 32, train.shuffle_buffer, seed=0):
+    for _, y in stream_batches(stream, 32, data.input_norm, train.shuffle_buffer, seed=0):
         ids = [id_of[row.tobytes()] for row in y.numpy()]
         order += ids
         distinct.append(len(set(file_of[ids])))

@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batches = memory_batches(data, "train", epoch_shard(len(data.targets["train"]), train.seed * 100_003 + epoch,
                                                                  rank, world), train.batch_size)
         else:  # file order shuffled each epoch by Ray Data, rows by a local shuffle buffer
-            batches = stream_batches(streams["train"], train.batch_size, train.shuffle_buffer,
+            batches = stream_batches(streams["train"], train.batch_size, data.input_norm, train.shuffle_buffer,
                                      seed=train.seed * 100_003 + epoch)
         # the loss is summed on the device (float64, as Python floats were): no host sync per
         # step, so a GPU is fed kernels without waiting for each step's result
@@ -119,7 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             total += step(x.to(device), y.to(device))
             count += len(y)
         val_batches = (memory_batches(data, "val", np.arange(len(data.targets["val"])), train.batch_size * 8)
-                       if data.held("val") else stream_batches(streams["val"], train.batch_size * 8))
+                       if data.held("val") else stream_batches(streams["val"], train.batch_size * 8, data.input_norm))
         val_loss = evaluate_loss(model, val_batches, device)
         if not math.isfinite(val_loss):
             raise FloatingPointError(f"validation loss became {val_loss} at epoch {epoch}: lower train.lr")
@@ -170,18 +170,19 @@ def memory_batches(data: Prepared, split: str, rows: np.ndarray, batch_size: int
 STREAM_CHUNK = 1024  # rows Ray Data hands over at a time; the loop cuts them into batches
 
 
-def stream_batches(stream, batch_size: int, shuffle_buffer: int = 0, seed: int | None = None):
+def stream_batches(stream, batch_size: int, input_norm: dict, shuffle_buffer: int = 0, seed: int | None = None):
     """(inputs, targets) float32 tensors of a streamed split (a Ray Dataset, or Train's shard
-    of one: raypd.stream). With shuffle_buffer, Ray Data draws chunks of STREAM_CHUNK rows at
-    random from a local buffer of that many rows, and each chunk's rows come in a random
-    order: per-row batches straight from Ray Data cost ~4 ms each on this loop's CPU."""
+    of one: raypd.stream), inputs made from its raw series by input_norm a chunk at a time.
+    With shuffle_buffer, Ray Data draws chunks of STREAM_CHUNK rows at random from a local
+    buffer of that many rows, and each chunk's rows come in a random order: per-row batches
+    straight from Ray Data cost ~4 ms each on this loop's CPU."""
     import torch
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    for chunk in stream.iter_torch_batches(batch_size=STREAM_CHUNK if shuffle_buffer else batch_size,
-                                           local_shuffle_buffer_size=shuffle_buffer or None,
-                                           local_shuffle_seed=seed if shuffle_buffer else None, device="cpu"):
-        x, y = chunk["x"], chunk["y"]
+    for chunk in stream.iter_batches(batch_size=STREAM_CHUNK if shuffle_buffer else batch_size, batch_format="numpy",
+                                     local_shuffle_buffer_size=shuffle_buffer or None,
+                                     local_shuffle_seed=seed if shuffle_buffer else None):
+        x, y = torch.from_numpy(apply_input_norm(chunk["series"], input_norm)), torch.tensor(chunk["y"])  # (Ray's arrays are read-only)
         order = torch.randperm(len(y), generator=generator) if shuffle_buffer else torch.arange(len(y))
         for start in range(0, len(y), batch_size):
             rows = order[start : start + batch_size]

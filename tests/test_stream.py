@@ -76,13 +76,15 @@ def test_training_holds_what_fits_in_its_share_of_the_object_store(data_dir):
     assert held_splits(TrainConfig(streaming=False), files, store_bytes=0) == ("train", "val")
 
 
-def test_a_stream_yields_every_training_sample_once_per_epoch_in_a_new_order(data_dir):
+def test_a_stream_yields_every_training_sample_once_per_epoch_in_a_new_order(data_dir, monkeypatch):
+    # readers decode a file 7 rows at a time (its rows in several blocks, the last one short)
+    monkeypatch.setattr("raypd.dataset.STREAM_READ_ROWS", 7)
     data = prepare(data_dir, TrainConfig(input_norm="sample+scale"), held=())
     expected = data.targets["train"]
     stream = stream_split(data, "train", shuffle_seed=0)
     epochs = []
     for epoch in range(2):
-        batches = list(stream_batches(stream, 16, shuffle_buffer=100, seed=epoch))
+        batches = list(stream_batches(stream, 16, data.input_norm, shuffle_buffer=100, seed=epoch))
         assert all(len(y) == 16 for _, y in batches[:-1]) and 0 < len(batches[-1][1]) <= 16
         x = np.concatenate([b[0].numpy() for b in batches])
         y = np.concatenate([b[1].numpy() for b in batches])
@@ -96,7 +98,8 @@ def test_a_stream_yields_every_training_sample_once_per_epoch_in_a_new_order(dat
     # reads finish; a seeded local shuffle): a streamed run repeats
     again = stream_split(data, "train", shuffle_seed=0)
     for epoch in range(2):
-        y = np.concatenate([b[1].numpy() for b in stream_batches(again, 16, shuffle_buffer=100, seed=epoch)])
+        batches = stream_batches(again, 16, data.input_norm, shuffle_buffer=100, seed=epoch)
+        y = np.concatenate([b[1].numpy() for b in batches])
         assert np.array_equal(y, epochs[epoch])
     # the inputs are the stored series, normalised as the model's saved normalisation says
     position = {row.tobytes(): i for i, row in enumerate(expected)}
@@ -107,7 +110,7 @@ def test_a_stream_yields_every_training_sample_once_per_epoch_in_a_new_order(dat
 
     np.testing.assert_array_equal(x, apply_input_norm(raw, data.input_norm))
     # the validation stream: every val sample once
-    val = np.concatenate([b[1].numpy() for b in stream_batches(stream_split(data, "val"), 64)])
+    val = np.concatenate([b[1].numpy() for b in stream_batches(stream_split(data, "val"), 64, data.input_norm)])
     expected = data.targets["val"]
     assert np.array_equal(val[np.lexsort(val.T[::-1])], expected[np.lexsort(expected.T[::-1])])
 
