@@ -73,10 +73,17 @@ def memory(pids: list[int]) -> dict[int, tuple[str, int, int]]:
     return out
 
 
+# Ray's processes that serve the whole cluster, not a trial (Ray Data's two are per cluster)
+CLUSTER_WIDE = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::_StatsActor", "ray::_AutoscalingCoordinatorActor")
+
+
 def run(command: list[str], log: Path) -> dict:
     """Run a command to its end; its wall time and peak memory: of all its processes together
-    (PSS), and of each process (its peak PSS and RSS, under the name it had at its PSS peak)."""
-    peak = {"pss": 0, "rss": 0}
+    (PSS), of each process (its peak PSS and RSS, under the name it had at its PSS peak), and
+    per trial (a study): the PSS of the trials' processes and of every other Ray worker process
+    (their stream readers and coordinators, idle workers too), over the number of trials
+    running at that moment."""
+    peak = {"pss": 0, "rss": 0, "per_trial": 0}
     processes: dict[int, dict] = {}
     started = time.perf_counter()
     with open(log, "w") as out:
@@ -87,6 +94,11 @@ def run(command: list[str], log: Path) -> dict:
                 now = memory(tree(process.pid))
                 peak["pss"] = max(peak["pss"], sum(pss for _, pss, _ in now.values()))
                 peak["rss"] = max([peak["rss"], *(rss for _, _, rss in now.values())])
+                trials = sum("ImplicitFunc" in name for name, _, _ in now.values())
+                if trials:
+                    workers = sum(pss for name, pss, _ in now.values()
+                                  if name.startswith("ray::") and not name.startswith(CLUSTER_WIDE))
+                    peak["per_trial"] = max(peak["per_trial"], workers / trials)
                 for pid, (name, pss, rss) in now.items():
                     seen = processes.setdefault(pid, {"name": name, "pss": 0, "rss": 0})
                     if pss > seen["pss"]:
@@ -102,7 +114,7 @@ def run(command: list[str], log: Path) -> dict:
         raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}")
     largest = sorted(processes.values(), key=lambda p: -p["pss"])[:8]
     return {"seconds": time.perf_counter() - started, "peak_pss_gb": peak["pss"] / 1e9,
-            "peak_rss_gb": peak["rss"] / 1e9,
+            "peak_rss_gb": peak["rss"] / 1e9, "peak_per_trial_gb": peak["per_trial"] / 1e9,
             "processes": [{"name": p["name"], "peak_pss_gb": p["pss"] / 1e9, "peak_rss_gb": p["rss"] / 1e9}
                           for p in largest]}
 
@@ -245,7 +257,9 @@ def main() -> None:
             result = study_run(args, work)
             print(f"study of {result['trials']} trials ({result['epochs']} epochs in all) on {result['samples']:,} "
                   f"samples: {result['seconds'] / 60:.1f} min, peak PSS {result['peak_pss_gb']:.2f} GB (all "
-                  f"processes), largest process {result['peak_rss_gb']:.2f} GB; best test MSE {result['test_mse']}")
+                  f"processes), largest process {result['peak_rss_gb']:.2f} GB; per trial (its process, its "
+                  f"stream's reader and coordinator, idle Ray workers shared out) at most "
+                  f"{result['peak_per_trial_gb']:.2f} GB PSS; best test MSE {result['test_mse']}")
             print("the largest processes (peak PSS: its own pages, and its share of pages it maps with others, "
                   "such as the object store's; peak RSS counts every page it maps):")
             for p in result["processes"]:

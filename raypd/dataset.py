@@ -476,8 +476,8 @@ class SplitRows:
 def stream_split(data: Prepared, split: str, shuffle_seed: int | None = None):
     """A split of the dataset's Parquet files as a Ray Dataset of raw series and standardised
     targets (SplitRows), read afresh at each iteration: blocks of up to STREAM_READ_ROWS rows
-    of a file, STREAM_READS files read at a time. shuffle_seed: the files come in another order at every iteration (an epoch),
-    deterministic given the seed.
+    of a file, STREAM_READS files read at a time. shuffle_seed: the files come in another
+    order at every iteration (an epoch), deterministic given the seed.
 
     Not ray.data.read_parquet: in Ray 2.60 it coalesces the files into a few blocks of up to
     128 MiB (three for 100,000 n=2 samples: nothing left for a file shuffle to move), and its
