@@ -182,7 +182,8 @@ def stream_batches(stream, batch_size: int, input_norm: dict, shuffle_buffer: in
     for chunk in stream.iter_batches(batch_size=STREAM_CHUNK if shuffle_buffer else batch_size, batch_format="numpy",
                                      local_shuffle_buffer_size=shuffle_buffer or None,
                                      local_shuffle_seed=seed if shuffle_buffer else None):
-        x, y = torch.from_numpy(apply_input_norm(chunk["series"], input_norm)), torch.tensor(chunk["y"])  # (Ray's arrays are read-only)
+        # inputs made here, a chunk at a time; y copied (Ray's arrays are read-only)
+        x, y = torch.from_numpy(apply_input_norm(chunk["series"], input_norm)), torch.tensor(chunk["y"])
         order = torch.randperm(len(y), generator=generator) if shuffle_buffer else torch.arange(len(y))
         for start in range(0, len(y), batch_size):
             rows = order[start : start + batch_size]
