@@ -145,6 +145,15 @@ def test_a_streamed_run_repeats_given_its_seed(both_ways, data_dir, tmp_path):
     assert again["mse"] == both_ways["stream"][0]["mse"]
 
 
+def test_a_worker_group_streams_an_equal_share_of_every_epoch_to_each_worker(data_dir, tmp_path):
+    """num_workers 2: Ray Train splits the stream between its workers (get_dataset_shard), in
+    equal shares (DDP needs the same number of steps on each)."""
+    run = train_and_evaluate(small(streaming=True, num_workers=2, epochs=2), tmp_path / "group", data_dir)
+    assert run["streamed"] == ["train"]
+    assert [h["samples"] for h in run["history"]] == [210, 210]  # rank 0's half of the 420
+    assert all(np.isfinite(h["val_loss"]) for h in run["history"]) and np.isfinite(run["mse"])
+
+
 def test_the_in_memory_path_holds_train_and_val_only(data_dir):
     data = prepare(data_dir, TrainConfig())
     assert sorted(data.series) == ["train", "val"]
