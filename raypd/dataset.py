@@ -492,8 +492,13 @@ def stream_split(data: Prepared, split: str, shuffle_seed: int | None = None):
     files = ray.data.from_items([{"path": path} for path in data.files], override_num_blocks=len(data.files))
     if shuffle_seed is not None:
         files = files.randomize_block_order(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
-    stream = files.map_batches(SplitRows(data, split), batch_size=1, num_cpus=0, concurrency=STREAM_READS)
+    stream = files.map_batches(SplitRows(data, split), batch_size=1, num_cpus=0,
+                               compute=ray.data.TaskPoolStrategy(size=STREAM_READS))
     stream.context.execution_options = stream_options()
+    # no progress bars of Ray Data's own in the command's output: the coordinator would
+    # forward one to the driver's log every epoch (~30 KB of terminal codes an epoch), beside
+    # raypd.train's progress and Tune's table (the Ray dashboard still shows the stream)
+    stream.context.enable_progress_bars = False
     return stream
 
 
