@@ -463,14 +463,15 @@ class SplitRows:
             rows = self.member[table.column("sample_id").to_numpy()]
             if not rows.any():
                 continue
+            params, ic, series = (list_values(table.column(name))[rows] for name in ("params", "ic", "series"))
+            yield {"series": series.astype(np.float32, copy=False).reshape(-1, *self.shape),
+                   "y": standardise_targets(np.concatenate([params, ic], axis=1), self.mean, self.std, self.varying)}
 
-            def values(name):
-                column = table.column(name)
-                return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)[rows]
 
-            raw = np.concatenate([values("params"), values("ic")], axis=1)
-            yield {"series": values("series").astype(np.float32, copy=False).reshape(-1, *self.shape),
-                   "y": standardise_targets(raw, self.mean, self.std, self.varying)}
+def list_values(column) -> np.ndarray:
+    """An Arrow list column whose rows have one length as a (rows, length) array (a view where
+    Arrow allows; the files were checked by prepare's pass, read_part)."""
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
 
 
 def stream_split(data: Prepared, split: str, shuffle_seed: int | None = None):
