@@ -36,24 +36,38 @@ def run_main(prog: str, body: Callable[[], int | None]) -> None:
         code = body()
     except ValueError as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        last_line(f"{prog}: error: {message}")
         sys.exit(2)
     except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
         # an output path that check_writable could not see through (a read-only mount, an
         # immutable folder, root's permissions)
-        print(f"{prog}: error: cannot write {exc.filename}: {exc.strerror}; choose another output path",
-              file=sys.stderr)
+        last_line(f"{prog}: error: cannot write {exc.filename}: {exc.strerror}; choose another output path")
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        last_line(f"{prog}: interrupted; run the same command again to continue where it stopped")
         sys.exit(130)
     except Exception as exc:
         full = disk_full_cause(exc)  # also from a Ray task or worker, which wraps it
         if full is None:
             raise
-        print(f"{prog}: error: {disk_full_line(full)}", file=sys.stderr)
+        last_line(f"{prog}: error: {disk_full_line(full)}")
         sys.exit(2)
     sys.exit(code or 0)
+
+
+def last_line(text: str) -> None:
+    """Print the command's closing line on stderr as its last line. Ray forwards its workers'
+    output to this process from a thread, a second or so late (a trial that Tune stops prints
+    "SystemExit: 1"): leaving Ray first ends that forwarding, so nothing follows the line.
+    Only a Ray that this command joined or started (init_ray) is left, not a caller's."""
+    ray = sys.modules.get("ray")
+    if _joined_ray and ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except BaseException:  # a second Ctrl-C while leaving: the line still comes last
+            pass
+    sys.stdout.flush()
+    print(text, file=sys.stderr, flush=True)
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # no space, over quota, read-only
@@ -97,6 +111,7 @@ def disk_full_line(exc: OSError) -> str:
             "same command again to continue")
 
 
+_joined_ray = False  # set by init_ray when it joins or starts Ray (not when Ray ran already)
 _commands_stop_on_sigterm = False  # set by run_main: raypd's commands, not raypd used as a library
 
 
@@ -150,6 +165,8 @@ def init_ray(address: str | None = None) -> None:
     except (ConnectionError, RuntimeError) as exc:
         where = address or "a new local instance"
         raise ValueError(f"cannot start or reach Ray at {where}: {exc}") from exc
+    global _joined_ray
+    _joined_ray = True
     if _commands_stop_on_sigterm:  # a raypd command: take SIGTERM back from Ray's core
         stop_on_sigterm()
     url = getattr(context, "dashboard_url", None)

@@ -144,3 +144,45 @@ def test_ctrl_c_stops_generate_and_train_cleanly_and_the_same_command_continues(
     done = read_state(last)
     assert done["epoch"] == 300 and done["history"][: stopped_at["epoch"]] == stopped_at["history"]
     assert f"raypd.train: epoch {stopped_at['epoch'] + 1}/300" in result.stderr
+
+
+CHATTY_COMMAND = """
+import sys
+import time
+from pathlib import Path
+import ray
+from raypd.cli import init_ray, run_main
+
+started = Path(sys.argv[1])
+
+def body():
+    init_ray()
+
+    @ray.remote
+    def chatter():
+        for i in range(4000):
+            print(f"worker line {i}", file=sys.stderr, flush=True)
+            if i == 50:
+                started.touch()
+            time.sleep(0.005)
+
+    chatter.remote()
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)  # Ray is forwarding the task's lines to this process, and goes on
+    raise KeyboardInterrupt
+
+run_main("raypd.chatty", body)
+"""
+
+
+def test_the_closing_line_comes_after_every_line_ray_forwards_from_its_workers(tmp_path):
+    # Ray forwards a worker's output to the driver from a thread, a moment late: a trial that
+    # Tune stopped used to print "SystemExit: 1" below the command's closing line
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", CHATTY_COMMAND, str(tmp_path / "started")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert any("worker line" in line for line in lines), result.stderr[-2000:]  # Ray did forward them
+    assert result.returncode == 130 and lines[-1] == f"raypd.chatty: {STOPPED}", result.stderr[-2000:]
