@@ -60,10 +60,11 @@ def last_line(text: str) -> None:
     output to this process from a thread, a second or so late (a trial that Tune stops prints
     "SystemExit: 1"): leaving Ray first ends that forwarding, so nothing follows the line.
     Only a Ray that this command joined or started (init_ray) is left, not a caller's."""
-    ray = sys.modules.get("ray")
-    if _joined_ray and ray is not None and ray.is_initialized():
+    if _joined_ray:  # init_ray imported ray
+        import ray
+
         try:
-            ray.shutdown()
+            ray.shutdown()  # a no-op if it is already down
         except BaseException:  # a second Ctrl-C while leaving: the line still comes last
             pass
     sys.stdout.flush()
