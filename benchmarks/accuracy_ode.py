@@ -4,7 +4,7 @@
 
 For generated samples (raypd.generate.generate_samples: stable, bounded draws from the default
 ranges), the error is max |series - reference| / max |reference| per sample, the reference
-being DOP853 at rtol 1e-10, atol 1e-12 (DESIGN §1). Some n>=2 systems are (nearly) chaotic:
+being DOP853 at rtol 1e-10, atol 1e-12 (docs/science.md §5). Some n>=2 systems are (nearly) chaotic:
 a relative change of 1e-9 in the initial conditions moves their series by far more than 1e-6
 of its scale, and no solver at rtol 1e-8 can follow them. The script counts these
 "sensitive" samples, and gives the error on the others against DOP853 at rtol 1e-12.

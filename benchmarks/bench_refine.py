@@ -7,7 +7,7 @@ Prints, for the run's test split (the first --test series), clean and with 2% Ga
 observation noise: the model-only and refined test MSE (raw units, all targets), the share
 identified, and the coverage of the 90% intervals per target (model-only: calibrated on the
 validation split when the run was trained, or here if its checkpoint has none; refined:
-calibrated on --calibration validation series, raypd.refine.calibrate_refined).
+calibrated on --calibration calibration-split series, raypd.refine.calibrate_refined).
 
 Speed: wall time of refine() on Ray Data for two sizes of clean test series, differenced
 (sizes far apart, so Ray's start-up and the last task's tail cancel), times the CPUs Ray
@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs=2, default=[100, 400], help="series for the differenced timing")
     p.add_argument("--baseline", type=int, default=40, help="series fitted by the finite-difference baseline")
     p.add_argument("--calibration", type=int, default=CALIBRATION_SERIES,
-                   help="validation series (per noise level) that calibrate the refined intervals")
+                   help="calibration-split series (per noise level) that calibrate the refined intervals")
     p.add_argument("--no-timing", action="store_true")
     args = p.parse_args()
 
@@ -75,7 +75,7 @@ def main() -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     dataset = load_dataset(metrics["dataset"])
     config = from_dict(DataConfig, dataset.manifest["settings"])
-    split = split_ids(dataset.sample_id, TrainConfig().split, TrainConfig().split_seed)
+    split = split_ids(dataset.sample_id, TrainConfig().split, TrainConfig().split_seed, TrainConfig().calibration)
     saved_test = __import__("pyarrow.parquet", fromlist=["x"]).read_table(run / "predictions.parquet")
     assert np.array_equal(saved_test.column("sample_id").to_numpy(), split["test"]), "not the default split"
     rows = {k: np.searchsorted(dataset.sample_id, v) for k, v in split.items()}
@@ -83,7 +83,7 @@ def main() -> None:
     best = run / "checkpoints" / "best"
     model = SavedModel.load(best)
     if model.calibration is None:
-        add_calibration(best, series[rows["val"]], targets[rows["val"]], seed=int(split["val"][0]))
+        add_calibration(best, series[rows["calib"]], targets[rows["calib"]], seed=int(split["calib"][0]))
         model = SavedModel.load(best)
     problem = FitProblem.from_data_config(config)
     names = model.target_names
@@ -93,9 +93,9 @@ def main() -> None:
           f"Ray with {cpus:g} CPUs")
 
     started = time.perf_counter()
-    val = np.random.default_rng(0).permutation(rows["val"])[: args.calibration]
+    val = np.random.default_rng(0).permutation(rows["calib"])[: args.calibration]  # the calibration split
     calibration = calibrate_refined(model.predict, series[val], targets[val], problem, seed=1, progress=False)
-    print(f"refined calibration: {len(val)} validation series x {len(calibration['noise_levels'])} noise levels in "
+    print(f"refined calibration: {len(val)} calibration-split series x {len(calibration['noise_levels'])} noise levels in "
           f"{time.perf_counter() - started:.1f} s; identified {np.round(calibration['identified'], 3).tolist()}")
 
     test_ids = split["test"][: args.test]

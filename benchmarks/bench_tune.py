@@ -46,7 +46,7 @@ def epoch_study(root: Path, name: str, epochs: int, ray_logging: bool) -> float:
     if ray_logging:  # the baseline: Ray's own MLflowLoggerCallback
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        def stock(tracking_uri, study_name, tags):
+        def stock(tracking_uri, study_name, tags, outbox=None):
             return MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=f"raypd-{study_name}", tags=tags,
                                         save_artifact=False)
 

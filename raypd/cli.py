@@ -28,10 +28,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_main(prog: str, body: Callable[[], int | None]) -> None:
     """Run a stage's main body; a user error (ValueError) ends as one line and exit code 2.
-    Ctrl-C (SIGINT) and SIGTERM stop it cleanly: one line saying how to continue, exit 130.
+    Ctrl-C (SIGINT) and SIGTERM stop it cleanly: one line saying how to continue, exit 130
+    (SIGINT) or 143 (SIGTERM), the shells' 128 + the signal's number.
     SIGTERM is turned into SIGINT, so that it stops a study the way Ctrl-C does (Tune's own
     handler saves the experiment's state one last time)."""
+    global _prog
+    _prog = prog
     stop_on_sigterm()
+    quiet_libraries()
     try:
         code = body()
     except ValueError as exc:
@@ -45,7 +49,7 @@ def run_main(prog: str, body: Callable[[], int | None]) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         last_line(f"{prog}: interrupted; run the same command again to continue where it stopped")
-        sys.exit(130)
+        sys.exit(128 + (signal.SIGTERM if _terminated else signal.SIGINT))
     except Exception as exc:
         full = disk_full_cause(exc)  # also from a Ray task or worker, which wraps it
         if full is None:
@@ -112,7 +116,9 @@ def disk_full_line(exc: OSError) -> str:
             "same command again to continue")
 
 
+_prog = "raypd"  # the running command's name (run_main), which labels its lines
 _joined_ray = False  # set by init_ray when it joins or starts Ray (not when Ray ran already)
+_terminated = False  # a SIGTERM came (it stops a command as Ctrl-C does, and exits 143)
 _commands_stop_on_sigterm = False  # set by run_main: raypd's commands, not raypd used as a library
 
 
@@ -124,7 +130,13 @@ def stop_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         _commands_stop_on_sigterm = True
-        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    signal.raise_signal(signal.SIGINT)
 
 
 def check_writable(path, flag: str, beside: bool = False) -> None:
@@ -144,6 +156,28 @@ def check_writable(path, flag: str, beside: bool = False) -> None:
         raise ValueError(f"{flag} {path}: {existing} is not writable; choose another path")
 
 
+def redact(text: str) -> str:
+    """`text` (a URI, a command line) without the passwords of the user:password@ parts of its
+    URIs (--tracking-uri, --address): for messages and lock files."""
+    return re.sub(r"(\w+://)([^/@\s:]+):[^/\s]*@", r"\1\2:***@", text)
+
+
+def absolute_path(value, flag: str, address: str | None = None) -> Path:
+    """A path the user gave (or a default such as `runs`) made absolute against the current
+    folder. Ray's workers do not share this process's current folder (Ray Train's storage
+    takes only absolute paths or URIs; Tune's trials run in their own folders), so every path
+    a command hands on is absolute. On a cluster (an address, or $RAY_ADDRESS) a relative path
+    is resolved on this machine: one line says to which path, since every node must see it there."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    resolved = path.absolute()
+    if address or os.environ.get("RAY_ADDRESS"):
+        print(f"{_prog}: {flag} {value} is relative: using {resolved} (on a cluster every node must see that path)",
+              file=sys.stderr)
+    return resolved
+
+
 def init_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS); without either, start a local Ray.
 
@@ -156,6 +190,7 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet_ray(local=not address)
     if address and address != "auto":
         _check_reachable(address)
     try:
@@ -173,6 +208,59 @@ def init_ray(address: str | None = None) -> None:
     url = getattr(context, "dashboard_url", None)
     if url:
         print(f"Ray dashboard: http://{url}", file=sys.stderr)
+
+
+def quiet_libraries() -> None:
+    """A command's output is its own: lines of Ray, Tune and MLflow that do not help its user
+    are turned off where those libraries have a setting for them."""
+    import logging
+    import warnings
+
+    # "Token authentication is enabled for this Ray cluster" on every start (it stays enabled)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Ray Data: "Starting execution of Dataset ...", its plan, "execution finished", and
+    # "Progress bars disabled" (raypd shows its own progress)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Ray's own use of a deprecated Ray Data option (Train's ingest options): nothing to act on
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.*deprecated")
+    # Tune's "Resume experiment with: Tuner.restore(...)": raypd resumes by its own command
+    logging.getLogger("ray.tune.tune").addFilter(_not_tunes_resume_hint)  # added once
+    # MLflow: "Creating initial MLflow database tables" for a new mlflow.db, "Validating input
+    # example against model signature" and a download bar when a model is registered
+    for name in ("mlflow.store.db.utils", "alembic", "mlflow.pyfunc", "mlflow.models"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Tune stops a trial's thread by raising SystemExit in it from outside: landing in a
+    # garbage-collection callback, it prints "Exception ignored in ... Traceback ... SystemExit"
+    if not getattr(sys.unraisablehook, "raypd", False):
+        sys.unraisablehook = _unraisable_but_stops(sys.unraisablehook)
+
+
+def _unraisable_but_stops(hook):
+    def unraisable(info) -> None:
+        if info.exc_type is not None and issubclass(info.exc_type, (SystemExit, KeyboardInterrupt)):
+            return  # a stop (Tune's, or Ctrl-C) met while Python ran a finaliser: nothing went wrong
+        hook(info)
+
+    unraisable.raypd = True
+    return unraisable
+
+
+def _not_tunes_resume_hint(record) -> bool:
+    return "Resume experiment with" not in record.getMessage()
+
+
+def quiet_ray(local: bool) -> None:
+    """Ray's settings for the processes it starts (environment variables reach the processes
+    a local Ray starts; Ray Train passes its own on to its controller and workers)."""
+    # Ray Train V2 sends a worker's print() through its logger as well as to stderr (each
+    # epoch line twice)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if not sys.stderr.isatty():  # a log file: no terminal colour codes around "(worker pid=...)"
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if local:  # one machine: no spot preemption to watch for (its actor logs an error line at start)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:

@@ -78,7 +78,7 @@ class DataConfig:
         return np.linspace(self.time_span[0], self.time_span[1], self.time_points)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """Lower and upper bounds of a draw: parameters then initial conditions (DESIGN §1)."""
+        """Lower and upper bounds of a draw: parameters then initial conditions (docs/science.md §2)."""
         n = self.n_actions
         diag = np.eye(n, dtype=bool).ravel()
         lo, hi = [], []
@@ -143,6 +143,10 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    # the share of the validation split set apart as the calibration split: the model-only and
+    # refined intervals are calibrated on it, and no choice is made on it (early stopping,
+    # ASHA and the best trial use the rest of the validation split)
+    calibration: float = 0.5
     # how series become model inputs (raypd.dataset.apply_input_norm): "sample" (the notebook's,
     # per-sample std), "sample+scale" (plus the per-sample scales as inputs), "global"
     input_norm: str = "sample"
@@ -173,6 +177,7 @@ class TrainConfig:
             (self.shuffle_buffer >= 1, f"train.shuffle_buffer must be >= 1 row (got {self.shuffle_buffer})"),
             (self.input_norm in INPUT_NORMS,
              f"train.input_norm must be one of {', '.join(INPUT_NORMS)} (got {self.input_norm!r})"),
+            (0 < self.calibration < 1, f"train.calibration must be a share in (0, 1) (got {self.calibration})"),
             (all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,
              f"train.split must be three fractions > 0 that add up to 1 (got {list(self.split)})"),
         ]
@@ -273,7 +278,7 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.search.validate()
-        check_split(self.data.samples, self.train.split, "data.samples")
+        check_split(self.data.samples, self.train.split, "data.samples", self.train.calibration)
         return self
 
 
@@ -283,14 +288,23 @@ def split_sizes(samples: int, fractions: tuple[float, float, float]) -> tuple[in
     return n_train, n_val, samples - n_train - n_val
 
 
-def check_split(samples: int, fractions: tuple[float, float, float], what: str) -> None:
+def split_rows(samples: int, fractions: tuple[float, float, float], calibration: float) -> dict[str, int]:
+    """How many of `samples` samples each split gets: train, val (model selection), calib (the
+    intervals' calibration: `calibration` of the validation share) and test."""
+    n_train, n_val, n_test = split_sizes(samples, fractions)
+    n_calib = int(round(calibration * n_val))
+    return {"train": n_train, "val": n_val - n_calib, "calib": n_calib, "test": n_test}
+
+
+def check_split(samples: int, fractions: tuple[float, float, float], what: str, calibration: float = 0.5) -> None:
     """Every split needs a sample: the loop divides by the train and val sizes, the metrics by
-    the test size."""
-    sizes = split_sizes(samples, fractions)
-    empty = [name for name, size in zip(("train", "val", "test"), sizes) if size < 1]
+    the test size, the calibration by its own."""
+    sizes = split_rows(samples, fractions, calibration)
+    empty = [name for name, size in sizes.items() if size < 1]
     if empty:
-        raise ValueError(f"train.split {list(fractions)} of {what} {samples} leaves the {' and '.join(empty)} "
-                         f"split empty ({'/'.join(map(str, sizes))}); each split needs at least one sample")
+        raise ValueError(f"train.split {list(fractions)} (calibration {calibration:g} of val) of {what} {samples} "
+                         f"leaves the {' and '.join(empty)} split empty "
+                         f"({'/'.join(f'{k} {v}' for k, v in sizes.items())}); each split needs at least one sample")
 
 
 def apply_sets(values: dict, assignments: list[str]) -> dict:

@@ -137,7 +137,7 @@ def write_tables_atomic(tables, path: Path) -> None:
 
 
 def to_table(columns: dict[str, np.ndarray]):
-    """The Parquet schema of DESIGN §2: series is row-major (channel, time), float32."""
+    """The Parquet schema of docs/contracts.md §2: series is row-major (channel, time), float32."""
     import pyarrow as pa
 
     return pa.table({

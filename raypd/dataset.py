@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raypd.config import INPUT_NORMS, DataConfig, TrainConfig, check_split, from_dict, split_sizes
+from raypd.config import INPUT_NORMS, DataConfig, TrainConfig, check_split, from_dict, split_rows, split_sizes
 from raypd.dataio import MANIFEST, read_manifest
 
 
@@ -187,12 +187,16 @@ def check_manifest_keys(manifest: dict, path: Path, n_params: int, n_ic: int, st
             raise ValueError(f"{path}: {key} must be {allowed} (got {json.dumps(manifest.get(key))[:60]})")
 
 
-def split_ids(sample_ids: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
-    """Deterministic train/val/test split by sample_id: a seeded permutation of the ids."""
+def split_ids(sample_ids: np.ndarray, fractions: tuple[float, float, float], seed: int,
+              calibration: float = 0.5) -> dict[str, np.ndarray]:
+    """Deterministic train/val/calib/test split by sample_id: a seeded permutation of the ids,
+    cut by `fractions` into train, validation and test; the first `calibration` of the
+    validation part is the calibration split (the test split does not depend on it)."""
     order = np.random.default_rng(seed).permutation(np.sort(sample_ids))
     n_train, n_val, _ = split_sizes(order.size, fractions)
-    return {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:n_train + n_val]),
-            "test": np.sort(order[n_train + n_val:])}
+    n_calib = split_rows(order.size, fractions, calibration)["calib"]
+    return {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train + n_calib:n_train + n_val]),
+            "calib": np.sort(order[n_train:n_train + n_calib]), "test": np.sort(order[n_train + n_val:])}
 
 
 def normalise_inputs(series: np.ndarray, scales: bool = False):
@@ -299,7 +303,7 @@ def targets_to_raw(standardised: np.ndarray, mean: np.ndarray, std: np.ndarray, 
     return out
 
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "calib", "test")  # calib: the intervals' calibration, apart from any choice
 TRAINING_SPLITS = ("train", "val")  # what training reads: held in memory, or streamed
 
 
@@ -359,7 +363,7 @@ def standardise_targets(raw: np.ndarray, mean, std, varying) -> np.ndarray:
 
 def series_bytes(samples: int, series_shape, train: TrainConfig, split: str) -> int:
     """Bytes of a split's float32 series."""
-    rows = dict(zip(SPLITS, split_sizes(samples, train.split)))[split]
+    rows = split_rows(samples, train.split, train.calibration)[split]
     return rows * int(np.prod(series_shape)) * 4
 
 
@@ -377,8 +381,8 @@ def prepare(source: "Dataset | str | Path", train: TrainConfig, held=TRAINING_SP
         parts, samples, shape = dataset.parts(), dataset.samples, dataset.series_shape
         manifest, folder = dataset.manifest, str(Path(source).absolute())
         files = [str(p.absolute()) for p in dataset.paths]
-    check_split(samples, train.split, "the dataset's")
-    ids = split_ids(np.arange(samples), train.split, train.split_seed)
+    check_split(samples, train.split, "the dataset's", train.calibration)
+    ids = split_ids(np.arange(samples), train.split, train.split_seed, train.calibration)
     split_of = np.empty(samples, dtype=np.int8)
     for index, name in enumerate(SPLITS):
         split_of[ids[name]] = index
@@ -552,7 +556,9 @@ def write_json(path: Path, payload: dict) -> None:
     """Written whole or not at all (temporary file, then rename)."""
     from raypd.dataio import naming
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    import uuid
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # each writer its own
     try:
         with naming(path):
             tmp.write_text(json.dumps(payload, indent=1))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from raypd import __version__, ode
-from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
+from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.config import RANGE_FIELDS, DataConfig, from_dict, to_dict
 from raypd.lock import hold
 from raypd.dataio import (MANIFEST, content_hash, manifest_path, naming, read_manifest, row_digests, to_table,
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> int:
         names = [f.name for f in dataclasses.fields(DataConfig) if f.name not in ("rtol", "atol")]
         config = from_dict(DataConfig, {k: getattr(args, k) for k in names}).validate()
-        out = Path(args.out) if args.out else Path("runs") / "data" / config.dataset_name()
+        out = absolute_path(args.out or Path("runs") / "data" / config.dataset_name(), "--out", args.address)
         check_writable(out, "--out", beside=True)  # the blocks are staged beside it
         manifest = generate(config, out, block_size=args.block_size, address=args.address,
                             progress=not args.no_progress)

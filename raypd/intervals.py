@@ -27,14 +27,27 @@ CALIBRATION_FORMAT = "raypd-conformal/1"
 
 
 def check_level(level) -> float:
-    """A coverage level in (0, 1), or a ValueError saying so."""
+    """A coverage level in (0, 1) that the calibrations hold (at most LEVEL_GRID's highest),
+    or a ValueError saying so: a higher level is refused, not served as the highest one."""
     try:
         value = float(level)
     except (TypeError, ValueError):
         value = math.nan
     if not 0 < value < 1:
         raise ValueError(f"interval level must be a number in (0, 1), e.g. 0.9 (got {level!r})")
+    if value > LEVEL_GRID[-1] + 1e-12:
+        raise ValueError(f"interval level {level!r} is above the highest calibrated level, {LEVEL_GRID[-1]} "
+                         "(the calibration holds quantiles up to it)")
     return value
+
+
+NOISIER = 2.0  # a series noisier than this x the highest calibrated noise level is beyond the calibration
+
+
+def beyond_calibration(noise: np.ndarray, calibration: dict) -> np.ndarray:
+    """Which series are noisier than the calibration covers (they take its noisiest bin, whose
+    intervals may be too narrow for them)."""
+    return np.asarray(noise, dtype=np.float64) > NOISIER * max(calibration["noise_levels"])
 
 
 def add_noise(series: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:

@@ -192,7 +192,7 @@ def _regime_table(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 @njit(cache=True)
 def _jacobian_stable(p, n, P, size):
-    """DESIGN §1's test of the equilibrium performing actions P[:size].
+    """docs/science.md §4's test of the equilibrium performing actions P[:size].
 
     J = [[0, -Pi_PP], [I, -Gamma_PP]].  Stable unless an eigenvalue with positive real part
     has an eigenvector whose effort part is all positive, except when |min eigenvalue| >
@@ -243,7 +243,7 @@ def _jacobian_stable(p, n, P, size):
 
 @njit(cache=True)
 def _stable(p, n, index, length, A, b, a):
-    """DESIGN §1's stability filter for one parameter vector p: at least one valid
+    """docs/science.md §4's stability filter for one parameter vector p: at least one valid
     equilibrium, all stable. A (n, n), b, a (n,) are scratch space."""
     pi0, gamma0 = 2 * n, 2 * n + n * n
     valid_count = 0
@@ -322,7 +322,7 @@ def _stable_batch(params, n, index, length, out):
 
 
 def is_stable(p: Params) -> np.ndarray:
-    """DESIGN §1's stability filter for a batch: at least one valid equilibrium, all stable."""
+    """docs/science.md §4's stability filter for a batch: at least one valid equilibrium, all stable."""
     n = p.g.shape[1]
     flat = np.ascontiguousarray(p.pack(), dtype=np.float64)
     out = np.empty(flat.shape[0], dtype=np.bool_)

@@ -1,20 +1,36 @@
 """Predict the parameters and initial conditions of new time series with a study's best model,
 with intervals, and (--refine) refine them through the ODE.
 
-    python -m raypd.predict --study NAME [--root runs] --input PATH --out FILE.parquet
+    python -m raypd.predict --study NAME [--root runs] --input PATH --out FILE.parquet|FILE.csv
         [--refine] [--level 0.9] [--address ADDR] [--no-progress]
 
 PATH is a raypd dataset folder or a CSV of one series: a time column, then u_1..u_n,
-a_1..a_n, one row per time point. The output holds, per series: sample_id, params_pred and
-ic_pred (DESIGN §1 layout), series_resim (the ODE solved from them at the input's times,
-row-major (channel, time); NaN where the predicted system diverges), and the model-only
-intervals at --level: params_lower, params_upper, ic_lower, ic_upper. With --refine also
-(raypd.refine): params_refined and ic_refined, their intervals (params_refined_lower, ...),
-residual (relative RMS), identified, starts and noise (the series' estimated noise).
+a_1..a_n, one row per time point. The Parquet output holds, per series: sample_id,
+params_pred and ic_pred (DESIGN §1 layout), series_resim (the ODE solved from them at the
+input's times, row-major (channel, time); NaN where the predicted system diverges), and the
+model-only intervals at --level: params_lower, params_upper, ic_lower, ic_upper. With
+--refine also (raypd.refine): params_refined and ic_refined, their intervals
+(params_refined_lower, ...), residual (relative RMS), identified, starts and noise (the
+series' estimated noise).
+
+Then one float column per target, named by the model's target names (g_1, mu_1, Pi_11,
+Gamma_11, v0_1, m0_1 for n=1): `<target>` (the model's estimate), `<target>_lower`,
+`<target>_upper` and `<target>_width` (upper - lower: an interval 1e-7 wide shows as such),
+and with --refine `<target>_refined`, `<target>_refined_lower`, `<target>_refined_upper`,
+`<target>_refined_width` and `<target>_determined` (bool: the fit determined that target; one
+it did not keeps the model's estimate and model-only interval, raypd.refine). The schema's
+metadata holds raypd_interval_level and raypd_target_names (a JSON list, layout order).
+
+`--out FILE.csv` writes those per-target columns, sample_id and the scalar refine columns
+(residual, identified, starts, noise) as a CSV instead: a header row, comma-separated, floats
+with the digits that read back the same double (Python's repr), empty for NaN, true/false.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,10 +47,12 @@ from raypd.serve import SavedModel
 
 def load_best(study: str, root: str | Path) -> tuple[Config, dict, Path]:
     """The study's resolved config for its best trial, its summary and best checkpoint."""
-    from raypd.tune import SUMMARY_FILE, STUDY_FILE, resolve
+    from raypd.tune import STUDIES, SUMMARY_FILE, STUDY_FILE, resolve
 
     study_dir = Path(root) / "tune" / study
     if not (study_dir / SUMMARY_FILE).exists():
+        if not (STUDIES / f"{study}.yaml").exists() and not study_dir.exists():
+            raise ValueError(unknown_study(study, Path(root)))
         raise ValueError(f"{study_dir / SUMMARY_FILE} does not exist: run `python -m raypd.tune --study {study}` "
                          "first (or pass its --root)")
     damaged = " (the study folder is damaged: re-run the study under another --root)"
@@ -44,6 +62,90 @@ def load_best(study: str, root: str | Path) -> tuple[Config, dict, Path]:
     config = resolve(from_dict(Config, read_json(study_dir / STUDY_FILE, damaged)), summary["best_config"])
     # from the study folder, not the absolute path in the summary: ROOT may have moved
     return config, summary, study_dir / "trials" / summary["best_trial_id"] / "checkpoints" / "best"
+
+
+def unknown_study(study: str, root: Path) -> str:
+    """What to say of a study that neither tune_configs/ nor ROOT/tune has: the ones they have."""
+    from raypd.tune import STUDIES, SUMMARY_FILE
+
+    files = sorted(p.stem for p in STUDIES.glob("*.yaml"))
+    finished = sorted(p.parent.name for p in (root / "tune").glob(f"*/{SUMMARY_FILE}"))
+    return (f"study {study!r} does not exist: tune_configs/ holds {', '.join(files) or 'no study file'} "
+            f"(run one with `python -m raypd.tune --study NAME`), {root / 'tune'} holds "
+            f"{'the finished studies ' + ', '.join(finished) if finished else 'no finished study'}")
+
+
+OUT_SUFFIXES = (".parquet", ".csv")
+
+
+def output_format(out: str | Path) -> str:
+    """"parquet" or "csv" from --out's suffix; another suffix is a ValueError naming both."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in OUT_SUFFIXES:
+        raise ValueError(f"--out {out} must end in .parquet or .csv (the formats predictions are written in; "
+                         f"got {suffix or 'no suffix'})")
+    return suffix[1:]
+
+
+INTERVAL_SUFFIXES = ("_lower", "_upper", "_width")
+REFINED_SUFFIXES = ("_refined", "_refined_lower", "_refined_upper", "_refined_width", "_determined")
+
+
+def target_column_names(names: list[str], intervals: bool, refined: bool) -> list[str]:
+    """The per-target columns' names, in target_columns' order."""
+    kinds = ("",) + (INTERVAL_SUFFIXES if intervals else ()) + (REFINED_SUFFIXES if refined else ())
+    return [f"{name}{kind}" for name in names for kind in kinds]
+
+
+def target_columns(names: list[str], estimate: np.ndarray, lower: np.ndarray | None = None,
+                   upper: np.ndarray | None = None, fitted: dict | None = None) -> dict[str, np.ndarray]:
+    """One column per target and kind, target by target: <t>, <t>_lower, <t>_upper, <t>_width
+    (model-only), then with refinement (`fitted`, refine_with_intervals' columns)
+    <t>_refined, <t>_refined_lower, <t>_refined_upper, <t>_refined_width, <t>_determined."""
+    columns: dict[str, np.ndarray] = {}
+    for j, name in enumerate(names):
+        columns[name] = estimate[:, j].astype(np.float64)
+        if lower is not None:
+            columns.update({f"{name}_lower": lower[:, j].astype(np.float64),
+                            f"{name}_upper": upper[:, j].astype(np.float64),
+                            f"{name}_width": (upper[:, j] - lower[:, j]).astype(np.float64)})
+        if fitted is not None:
+            low, high = fitted["lower"][:, j], fitted["upper"][:, j]
+            columns.update({f"{name}_refined": fitted["estimate"][:, j].astype(np.float64),
+                            f"{name}_refined_lower": low.astype(np.float64),
+                            f"{name}_refined_upper": high.astype(np.float64),
+                            f"{name}_refined_width": (high - low).astype(np.float64),
+                            f"{name}_determined": fitted["determined"][:, j].astype(bool)})
+    return columns
+
+
+def csv_cells(values: np.ndarray) -> list[str]:
+    """A column's CSV cells: floats as the shortest text that reads back the same double
+    (repr: 0.1, 1e-07, two bounds 1e-7 apart stay distinct), NaN empty, bools true/false."""
+    values = np.asarray(values)
+    if values.dtype == bool:
+        return ["true" if v else "false" for v in values.tolist()]
+    if np.issubdtype(values.dtype, np.integer):
+        return [str(v) for v in values.tolist()]
+    return ["" if v != v else repr(v) for v in values.astype(np.float64).tolist()]
+
+
+def write_csv_atomic(header: list[str], chunks, path: Path) -> None:
+    """Write a CSV (header, then the rows of each chunk: a dict of equal-length columns named
+    as the header) whole or not at all: a temporary file beside it, then a rename."""
+    from raypd.dataio import naming
+
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with naming(path), open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(header)
+            for columns in chunks:
+                writer.writerows(zip(*(csv_cells(columns[name]) for name in header)))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk, Ctrl-C, a bad series: leave nothing half-written
+        raise
+    os.replace(tmp, path)
 
 
 def read_csv_series(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,22 +199,45 @@ def next_best_models(summary: dict, study_dir: Path, count: int = NEXT_BEST_STAR
 
 
 def refined_calibration(study_dir: Path, model: SavedModel, problem, address: str | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, prog: str = "raypd.predict", locked: bool = False) -> dict:
     """The refined intervals' calibration for the study's best model: from ROOT/tune/NAME/
     refine_calibration.json when it is this checkpoint's, else computed (raypd.refine.
-    calibrate_refined, on the study's saved validation split) and saved there."""
-    from raypd.refine import CALIBRATION_SERIES, calibrate_refined
-    from raypd.serve import VAL_SPLIT_FILE, file_digest, read_test_split
+    calibrate_refined, on the study's saved validation split) and saved there, under the
+    study's lock (locked: the caller holds it)."""
+    from raypd.lock import hold
+    from raypd.serve import file_digest
+    from raypd.tune import LOCK_FILE
 
     digest = file_digest(Path(model.source))
     path = study_dir / REFINE_CALIBRATION_FILE
-    if path.is_file():
-        saved = read_json(path, " (remove it: it is made again)")
-        if saved.get("checkpoint_sha256") == digest:
-            return saved["calibration"]
-    ids, targets, series = read_test_split(study_dir / VAL_SPLIT_FILE, model.series_shape)
+
+    def saved() -> dict | None:
+        if path.is_file():
+            found = read_json(path, " (remove it: it is made again)")
+            if found.get("checkpoint_sha256") == digest:
+                return found["calibration"]
+        return None
+
+    if saved() is not None:
+        return saved()
+    if locked:
+        return _calibrate_refined(study_dir, model, problem, address, progress, prog, digest)
+    with hold(study_dir / LOCK_FILE, f"study {study_dir.name} in {study_dir}"):
+        return saved() or _calibrate_refined(study_dir, model, problem, address, progress, prog, digest)
+
+
+def _calibrate_refined(study_dir: Path, model: SavedModel, problem, address, progress, prog: str,
+                       digest: str) -> dict:
+    from raypd.refine import CALIBRATION_SERIES, calibrate_refined
+    from raypd.serve import CALIBRATION_SPLIT_FILE, VAL_SPLIT_FILE, read_test_split
+
+    path = study_dir / REFINE_CALIBRATION_FILE
+    source = study_dir / CALIBRATION_SPLIT_FILE
+    if not source.exists() and (study_dir / VAL_SPLIT_FILE).exists():  # a study of an earlier raypd
+        source = study_dir / VAL_SPLIT_FILE
+    ids, targets, series = read_test_split(source, model.series_shape)
     chosen = np.random.default_rng(0).permutation(len(ids))[:CALIBRATION_SERIES]
-    print(f"raypd.predict: calibrating the refined intervals on {len(chosen)} validation series, clean and "
+    print(f"{prog}: calibrating the refined intervals on {len(chosen)} calibration-split series, clean and "
           "noisy (once per best model)", file=sys.stderr)
     calibration = calibrate_refined(model.predict, series[chosen], targets[chosen], problem, seed=1,
                                     address=address, progress=progress)
@@ -129,6 +254,7 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
 
     level = check_level(level)
     root, input_path, out = Path(root), Path(input_path), Path(out)
+    fmt = output_format(out)
     config, summary, checkpoint = load_best(study, root)
     # the checkpoint carries its normalisation and standardisation: the one inference path, as
     # the registered MLflow model's (an old study's checkpoint without them stops here)
@@ -154,7 +280,7 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
     except ValueError as exc:
         raise ValueError(f"{input_path}: {exc}") from None
     if out.exists() and out.is_dir():
-        raise ValueError(f"--out {out} is a folder; it must be a .parquet file")
+        raise ValueError(f"--out {out} is a folder; it must be a .parquet or .csv file")
     if model.calibration is None and refine:
         raise ValueError(f"{checkpoint}: the study's best model has no interval calibration (an older raypd "
                          "ran the study): re-run it with this raypd, under another --root, to refine")
@@ -169,40 +295,69 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
         calibration = refined_calibration(study_dir, model, problem, address, progress)
         models = [model] + next_best_models(summary, study_dir)
     n_p = ode.num_params(n)
+    names = model.target_names
+    refine_scalars = ("residual", "identified", "starts", "noise")
 
     def split(name: str, values: np.ndarray) -> dict:
         """params_<name> and ic_<name> columns from (N, n_targets) values."""
         return {f"params_{name}": list_column(values[:, :n_p], pa.float64()),
                 f"ic_{name}": list_column(values[:, n_p:], pa.float64())}
 
-    def table(ids: np.ndarray, series: np.ndarray):
-        """The output rows of one chunk of series."""
+    def predicted(ids: np.ndarray, series: np.ndarray) -> tuple[dict, dict]:
+        """One chunk of series: (its list columns for Parquet, its scalar columns by name)."""
         if model.calibration is None:
             y_pred, lower, upper = model.predict(series), None, None
         else:
             y_pred, lower, upper = model.predict_with_intervals(series, level)
-        resim = resimulate(y_pred, times, n)
-        columns = {"sample_id": pa.array(ids, type=pa.int64()), **split("pred", y_pred),
-                   "series_resim": list_column(resim.astype(np.float32), pa.float32())}
-        if lower is not None:
-            columns.update({**split("lower", lower), **split("upper", upper)})
         result["series"] += len(ids)
-        result["diverged"] += int(np.isnan(resim).any(axis=(1, 2)).sum())
+        if model.calibration is not None:
+            from raypd.intervals import beyond_calibration
+            from raypd.refine import noise_level
+
+            result["noisier"] += int(beyond_calibration(noise_level(series), model.calibration).sum())
+        lists = split("pred", y_pred)
+        if fmt == "parquet":  # the CSV leaves the re-simulated series out: no solve for it
+            resim = resimulate(y_pred, times, n)
+            lists["series_resim"] = list_column(resim.astype(np.float32), pa.float32())
+            result["diverged"] += int(np.isnan(resim).any(axis=(1, 2)).sum())
+        if lower is not None:
+            lists.update({**split("lower", lower), **split("upper", upper)})
+        scalars = {"sample_id": np.asarray(ids, dtype=np.int64)}
+        fitted = None
         if refine:
             fitted = refine_with_intervals(models, series, problem, calibration, level, seeds=ids, address=address,
                                            progress=progress)
-            columns.update({**split("refined", fitted["estimate"]), **split("refined_lower", fitted["lower"]),
-                            **split("refined_upper", fitted["upper"]),
-                            "residual": pa.array(fitted["residual"], type=pa.float64()),
-                            "identified": pa.array(fitted["identified"], type=pa.bool_()),
-                            "starts": pa.array(fitted["starts"], type=pa.int64()),
-                            "noise": pa.array(fitted["noise"], type=pa.float64())})
+            lists.update({**split("refined", fitted["estimate"]), **split("refined_lower", fitted["lower"]),
+                          **split("refined_upper", fitted["upper"])})
             result["identified"] = result.get("identified", 0) + int(fitted["identified"].sum())
-        return pa.table(columns).replace_schema_metadata({"raypd_interval_level": str(level)})
+        scalars.update(target_columns(names, y_pred, lower, upper, fitted))
+        if fitted is not None:
+            scalars.update({"residual": fitted["residual"].astype(np.float64),
+                            "identified": fitted["identified"].astype(bool),
+                            "starts": fitted["starts"].astype(np.int64),
+                            "noise": fitted["noise"].astype(np.float64)})
+        return lists, scalars
 
-    result = {"series": 0, "out": str(out), "diverged": 0}
+    def table(ids: np.ndarray, series: np.ndarray):
+        """The Parquet rows of one chunk: the list columns (today's names), then per target."""
+        lists, scalars = predicted(ids, series)
+        columns = {"sample_id": pa.array(scalars.pop("sample_id"), type=pa.int64()), **lists}
+        for name in refine_scalars:
+            if name in scalars:
+                columns[name] = pa.array(scalars.pop(name))
+        columns.update({name: pa.array(values) for name, values in scalars.items()})
+        return pa.table(columns).replace_schema_metadata(
+            {"raypd_interval_level": str(level), "raypd_target_names": json.dumps(names)})
+
+    result = {"series": 0, "out": str(out), "diverged": 0, "noisier": 0}
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_tables_atomic((table(ids, series) for ids, series in chunks), out)
+    if fmt == "parquet":
+        write_tables_atomic((table(ids, series) for ids, series in chunks), out)
+    else:
+        header = (["sample_id"] + target_column_names(names, model.calibration is not None, refine)
+                  + (list(refine_scalars) if refine else []))
+        write_csv_atomic(header, (predicted(ids, series)[1] for ids, series in chunks), out)
+        result["diverged"] = None
     return result
 
 
@@ -211,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study", required=True, help="the study whose best model predicts")
     p.add_argument("--root", default="runs", help="the study's root (default %(default)s)")
     p.add_argument("--input", required=True, help="a raypd dataset folder or a CSV of one series")
-    p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--out", required=True, help="output .parquet file, or .csv (one column per target, no series)")
     p.add_argument("--refine", action="store_true",
                    help="also fit each series through the ODE from the model's estimate (raypd.refine)")
     p.add_argument("--level", type=float, default=DEFAULT_LEVEL,
@@ -221,15 +376,20 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     def body() -> int:
-        if Path(args.out).suffix != ".parquet":
-            raise ValueError(f"--out {args.out} must name a .parquet file (predictions are written as Parquet)")
+        output_format(args.out)
         check_level(args.level)
         check_writable(args.out, "--out", beside=True)
         result = predict(args.study, args.root, args.input, args.out, args.refine, args.level, args.address,
                          not args.no_progress)
         refined = f", {result['identified']} identified by refinement" if args.refine else ""
-        print(f"{result['out']}: {result['series']} series predicted, {result['diverged']} re-simulations "
-              f"diverged{refined}")
+        diverged = "" if result["diverged"] is None else f", {result['diverged']} re-simulations diverged"
+        print(f"{result['out']}: {result['series']} series predicted{diverged}{refined}")
+        if result["noisier"]:
+            from raypd.intervals import NOISE_LEVELS, NOISIER
+
+            print(f"raypd.predict: warning: {result['noisier']} series are noisier than {NOISIER:g}x the noisiest "
+                  f"calibrated level ({max(NOISE_LEVELS):.0%} of each channel's std): their intervals use that "
+                  "level's calibration and may be too narrow", file=sys.stderr)
         return 0
 
     run_main("raypd.predict", body)

@@ -21,13 +21,25 @@ the start with the smallest residual is kept, and the model's estimate where no 
 explains the series better. A fit that diverges or hits the step limit is just a start that
 did not identify.
 
-Intervals: an identified fit's interval is the Gauss-Newton one (covariance s^2 (J^T J)^-1,
-s^2 the residual variance), scaled per target by a factor calibrated on held-out series
-(`calibrate_refined`): the residual of a noise-free series is the solver's and optimiser's
-error, not noise, and only a calibration can say how far that moves the estimate. A series
-that is not identified gets a model-only interval around the model's estimate, calibrated on
-the held-out series that refinement did not identify either (they are the hard ones, where
-the model errs more than on average; raypd.intervals' own calibration when too few).
+Per target, a fit says whether the series determines it (`determined`): every target of an
+identified series; in a series the fit explains with a rank-deficient Jacobian, the targets
+whose whole range moves the residual, both up and down (probed by steps of KINK_STEP of the
+range each way, the smaller move counting: the fit often sits on a kink of max(), where J's
+columns are one-sided), at least WEAK of what the most telling one does and by more than the
+tolerance the fit is held to, and that are not only seen together with others; none of the
+free targets of a series no start explains. A target the data kept constant is always
+determined: its value is known.
+
+Intervals (`refine_with_intervals`): a determined target's refined estimate is the fit's, and
+its interval the Gauss-Newton one (covariance s^2 (J^T J)^-1, s^2 the residual variance; in a
+rank-deficient fit, over the determined targets' columns, the others held), scaled per
+target by a factor calibrated on held-out identified series (`calibrate_refined`): the
+residual of a noise-free series is the solver's and optimiser's error, not noise, and only a
+calibration can say how far that moves the estimate. A target the fit did not determine
+keeps the model's estimate and a model-only interval around it, calibrated on the held-out
+series that refinement did not identify (they are the hard ones, where the model errs more
+than on average; raypd.intervals' own calibration when too few): the fit's value there is
+wherever the optimiser stopped, not a measurement.
 
 Many series run as Ray Data tasks in blocks (`refine`), as generation does: the cluster's
 CPUs share them and the dashboard shows `MapBatches(refine_block)` tasks.
@@ -49,6 +61,7 @@ WINDOWS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # continuation: the first 32nd 
 WHITE_LAGS, WHITE_CHI2 = 5, 20.5  # a residual is noise-like below chi2(5)'s 0.999 quantile (white)
 RANK_TOLERANCE = 1e-8  # smallest singular value of the scaled Jacobian, relative to the largest
 WEAK = 1e-3  # a target whose range moves the residual less than this (relative) is not determined
+KINK_STEP = 1e-4  # a rank-deficient fit's targets are probed by steps of this (of their range) each way
 MAX_BLOCK_SIZE = 256  # series per Ray Data task
 MIN_BLOCK_SIZE = 8
 BLOCKS_PER_CPU = 8
@@ -106,7 +119,8 @@ class Fit:
     residual: float  # relative RMS residual of the estimate
     identified: bool
     starts: int  # starts tried
-    se: np.ndarray  # (q,) Gauss-Newton standard errors (NaN where not identified; 0 for fixed targets)
+    se: np.ndarray  # (q,) Gauss-Newton standard errors of the determined targets (NaN for the others; 0 fixed)
+    determined: np.ndarray  # (q,) bool: the series determines the target (fixed targets: True, their value is known)
 
 
 def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, restarts: int = RESTARTS,
@@ -152,6 +166,22 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
         """Fitted exactly, or to the series' noise level with a residual that looks like noise."""
         return rms <= IDENTIFIED_RESIDUAL or (rms <= threshold and white(whole(x)[0], observed.shape))
 
+    def two_sided_reach(x) -> np.ndarray:
+        """Per free target: how far its whole range moves the residual, from a step of
+        KINK_STEP of its range each way, the smaller of the two: where the fit sits on a kink
+        of max() (v(0) = mu while the desire never shows: raising it shows at t = 0, lowering
+        it changes nothing), the side that moves nothing says what the series can tell."""
+        r0 = whole(x)[0].copy()
+        out = np.zeros(x.size)
+        for j in range(x.size):
+            moved = []
+            for sign in (1.0, -1.0):
+                y = x.copy()
+                y[j] += sign * KINK_STEP * (hi[j] - lo[j])
+                moved.append(float(np.linalg.norm(whole(y)[0] - r0)))
+            out[j] = min(moved) / KINK_STEP if np.isfinite(moved).all() else 0.0
+        return out
+
     rng = np.random.default_rng(seed)
     spread = 0.25 * (problem.upper - problem.lower)[free]
     candidates = [np.clip(np.asarray(s, dtype=np.float64)[free], lo, hi) for s in starts]
@@ -175,16 +205,16 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
         if best_x is not None and explains(best_x, best_rms):
             break
     se = np.full(base.size, np.nan)
+    se[~free] = 0.0  # a fixed target's value is known
+    determined = ~free  # the free targets the series determines are set below
     identified = False
     if best_x is not None and explains(best_x, best_rms):
         r, J = whole(best_x)
         _, singular, vt = np.linalg.svd(J, full_matrices=False)
         if singular.size and singular[-1] > RANK_TOLERANCE * singular[0]:
             identified = True
-            dof = max(1, r.size - J.shape[1])
-            cov = (vt.T / singular**2) @ vt * (float(r @ r) / dof)  # s^2 (J^T J)^-1
-            se[free] = np.sqrt(np.diag(cov))
-            se[~free] = 0.0
+            se[free] = _standard_errors(r, J)
+            determined = np.ones(base.size, dtype=bool)
         else:
             # The series fixes some targets and says (next to) nothing of others: v(0), g and
             # Pi while the desire stays below mu, Pi and Gamma while the effort stays at 0.
@@ -192,19 +222,61 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
             # shows as well as -4 does); the model's estimate has seen many such series. Each
             # target whose whole range moves the residual less than WEAK of what the most
             # telling one does takes the model's value, one at a time, while the fit holds.
-            reach = np.linalg.norm(J, axis=0) * (hi - lo)
-            for j in np.argsort(reach):
-                if reach[j] > WEAK * reach.max():
+            # The fit often sits on a kink of max(): the optimiser pushed the desire down until
+            # it just stays below mu, and J's columns are one-sided there (g, Pi and v(0) seem
+            # to matter, as does anything that raises the desire, Gamma and m(0) included). A
+            # target moves the residual both ways or it is not determined.
+            # Nor is one whose whole range moves the relative RMS residual less than the
+            # tolerance the fit is held to (a series that shows nothing: every target).
+            reach = two_sided_reach(best_x)
+            weak = (reach <= WEAK * reach.max()) | (reach / np.sqrt(observed.size) <= threshold)
+            for j in np.argsort(reach, kind="stable"):
+                if not weak[j]:
                     break
                 candidate = best_x.copy()
                 candidate[j] = min(max(base[free][j], lo[j]), hi[j])
                 rms = rms_of(candidate)
                 if explains(candidate, rms):
                     best_rms, best_x = rms, candidate
+            # The others are determined, unless they only move the residual together (a
+            # direction of their columns the series cannot see): their standard errors are the
+            # Gauss-Newton ones of the fit with the weak targets held where they are.
+            r, J = whole(best_x)
+            kept = _independent(J * (hi - lo), ~weak)
+            if kept.any():
+                se_free = np.full(kept.size, np.nan)
+                se_free[kept] = _standard_errors(r, J[:, kept])
+                kept &= np.isfinite(se_free)
+                se[free] = np.where(kept, se_free, np.nan)
+            determined[free] = kept
     theta = base.copy()
     if best_x is not None:
         theta[free] = best_x
-    return Fit(estimate=theta, residual=best_rms, identified=identified, starts=tried, se=se)
+    return Fit(estimate=theta, residual=best_rms, identified=identified, starts=tried, se=se,
+               determined=determined)
+
+
+def _standard_errors(r: np.ndarray, J: np.ndarray) -> np.ndarray:
+    """Gauss-Newton standard errors of a fit with residual r and Jacobian J (full column
+    rank): the square roots of the diagonal of s^2 (J^T J)^-1, s^2 = r.r / (len(r) - columns)."""
+    _, singular, vt = np.linalg.svd(J, full_matrices=False)
+    dof = max(1, r.size - J.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cov = (vt.T / singular**2) @ vt * (float(r @ r) / dof)  # s^2 (J^T J)^-1
+        return np.sqrt(np.diag(cov))
+
+
+def _independent(J: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """`columns` (bool) less those that make J[:, columns] rank-deficient: while its smallest
+    singular value is below RANK_TOLERANCE of its largest, the column with the largest share
+    of that direction is dropped (J's columns scaled by each target's range)."""
+    kept = columns.copy()
+    while kept.any():
+        _, singular, vt = np.linalg.svd(J[:, kept], full_matrices=False)
+        if singular[0] > 0 and singular[-1] > RANK_TOLERANCE * singular[0]:
+            break
+        kept[np.flatnonzero(kept)[int(np.argmax(np.abs(vt[-1])))]] = False
+    return kept
 
 
 def white(residual: np.ndarray, shape) -> bool:
@@ -258,7 +330,8 @@ def fit_many(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds:
             "residual": np.array([f.residual for f in fits], dtype=np.float64),
             "identified": np.array([f.identified for f in fits], dtype=bool),
             "starts": np.array([f.starts for f in fits], dtype=np.int64),
-            "se": np.array([f.se for f in fits]).reshape(-1, q)}
+            "se": np.array([f.se for f in fits]).reshape(-1, q),
+            "determined": np.array([f.determined for f in fits], dtype=bool).reshape(-1, q)}
 
 
 def refine_block(batch: dict, problem: FitProblem, restarts: int) -> dict:
@@ -284,7 +357,8 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
            restarts: int = RESTARTS, address: str | None = None, progress: bool = True,
            local: bool | None = None) -> dict[str, np.ndarray]:
     """Fit N series (N, 2n, T) from their starts (N, S, q) (starts[:, 0]: the model's
-    estimates). Returns estimate (N, q), residual, identified, starts tried, se (N, q).
+    estimates). Returns estimate (N, q), residual, identified, starts tried, se (N, q) and
+    determined (N, q) (Fit's fields).
 
     Runs as Ray Data tasks (joining the cluster at `address`/$RAY_ADDRESS or starting a local
     Ray) unless the series fit in one block, or local=True: then in this process.
@@ -317,7 +391,8 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
     ds.context.op_resource_reservation_enabled = False  # one map operator: nothing to starve
     q = starts.shape[2]
     out = {"estimate": np.empty((count, q)), "residual": np.empty(count), "identified": np.empty(count, bool),
-           "starts": np.empty(count, np.int64), "se": np.empty((count, q))}
+           "starts": np.empty(count, np.int64), "se": np.empty((count, q)),
+           "determined": np.empty((count, q), bool)}
     bar = _progress_bar(count, "refine", progress, unit="series")
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -389,8 +464,23 @@ def refine_with_intervals(models: list, series: np.ndarray, problem: FitProblem,
                           progress: bool = True) -> dict[str, np.ndarray]:
     """The whole refinement of raw series (N, 2n, T): models[0]'s estimates and model-only
     intervals, a fit from them (then from the other models' estimates, then perturbed
-    restarts), and each series' interval: the calibrated Gauss-Newton one where identified,
-    else the model-only one. models: raypd.serve.SavedModel, best first."""
+    restarts), and per series and target the refined estimate and its interval:
+
+    - a target the fit determined (`determined`, from fit_series; every target of an
+      identified series, a constant target always): the fit's value, and its Gauss-Newton
+      interval scaled by the calibrated factor of the noise level nearest the fit's residual.
+      In a series that is fitted but not identified (rank-deficient: v(0), g and Pi while the
+      desire stays below mu), the determined targets' standard errors are those of the fit
+      with the undetermined targets held where they are, scaled by the same calibration (which
+      identified series made);
+    - a target it did not determine (the weak ones of such a series; every free target of a
+      series no start explains): the model's estimate (models[0]) and its model-only interval,
+      calibrated on the held-out series refinement did not identify (unidentified_half_widths).
+
+    So a refined estimate always lies inside its own interval. Returns refine's columns, with
+    `estimate`, `lower`, `upper` those refined ones (the fit's own values in `fit_estimate`),
+    plus model_estimate, model_lower, model_upper and noise. models: raypd.serve.SavedModel,
+    best first."""
     from raypd.intervals import half_widths
 
     series = np.asarray(series)
@@ -398,11 +488,16 @@ def refine_with_intervals(models: list, series: np.ndarray, problem: FitProblem,
     starts = np.stack([estimate] + [m.predict(series) for m in models[1:]], axis=1)
     out = refine(series, starts, problem, seeds=seeds, address=address, progress=progress)
     noise = noise_level(series)
-    # an identified fit's residual is its series' noise level: it picks the calibration
-    width = half_widths(calibration, out["residual"], level) * np.nan_to_num(out["se"])
+    # a fitted series' residual is its noise level: it picks the calibration
+    se = np.nan_to_num(out["se"])
+    factor = half_widths(calibration, out["residual"], level)
+    with np.errstate(invalid="ignore"):  # an uncalibrated bin's inf factor times a fixed target's 0
+        width = np.where(se > 0, factor * se, 0.0)
     missed = unidentified_half_widths(calibration, noise, level, 0.5 * (upper - lower))
-    identified = out["identified"][:, None]
-    out.update(model_estimate=estimate, model_lower=lower, model_upper=upper, noise=noise,
-               lower=np.where(identified, out["estimate"] - width, estimate - missed),
-               upper=np.where(identified, out["estimate"] + width, estimate + missed))
+    determined = out["determined"]
+    fit = out["estimate"]
+    centre = np.where(determined, fit, estimate)
+    half = np.where(determined, width, missed)
+    out.update(fit_estimate=fit, estimate=centre, lower=centre - half, upper=centre + half,
+               model_estimate=estimate, model_lower=lower, model_upper=upper, noise=noise)
     return out

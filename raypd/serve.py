@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raypd.cli import redact
 from raypd.dataset import Prepared, apply_input_norm, targets_to_raw
 
 CHECKPOINT_FILE = "state.pt"  # the file in a checkpoint folder (train.save_checkpoint)
@@ -146,7 +147,7 @@ class SavedModel:
 
     def predict_with_intervals(self, series, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper), each (N, n_targets) raw units: the model's estimates and
-        their split-conformal intervals at `level` (calibrated on the validation split, clean
+        their split-conformal intervals at `level` (calibrated on the calibration split, clean
         and noisy; a series takes the calibration of the noise level nearest its own)."""
         from raypd.intervals import check_level, model_intervals
 
@@ -188,7 +189,8 @@ def add_calibration(checkpoint: Path, series: np.ndarray, targets: np.ndarray, s
 # --------------------------------------------------------------------------- the study's test split
 
 TEST_SPLIT_FILE = "test_split.parquet"  # in ROOT/tune/NAME: what report needs without ROOT/data
-VAL_SPLIT_FILE = "val_split.parquet"  # in ROOT/tune/NAME: what calibrates the refined intervals
+CALIBRATION_SPLIT_FILE = "calibration_split.parquet"  # in ROOT/tune/NAME: what calibrates the refined intervals
+VAL_SPLIT_FILE = "val_split.parquet"  # what calibrated them in a study of an earlier raypd (no calibration split)
 
 
 def write_test_split(path: Path, chunks) -> None:
@@ -328,7 +330,7 @@ def log_and_register(study: str, summary: dict, tracking_uri: str, test_split: P
                               max_results=1) if experiment else []
     if not runs:
         raise ValueError(f"no MLflow run of trial {summary['best_trial_id']} in experiment raypd-{study} "
-                         f"at {tracking_uri}")
+                         f"at {redact(tracking_uri)}")
     run_id = runs[0].info.run_id
     if test_split is not None and Path(test_split).is_file():  # the input example: a real test series
         example = read_test_split(Path(test_split), model.series_shape, limit=1)[2]

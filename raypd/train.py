@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
+from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.config import Config, TrainConfig, from_dict, load_config, to_dict
 from raypd.dataio import naming
 from raypd.dataset import (TRAINING_SPLITS, DatasetFiles, Prepared, apply_input_norm, metrics, open_dataset, prepare,
@@ -50,6 +50,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     config = from_dict(Config, loop_config["config"])
     train = config.train
+    quiet_worker_logs()
     # from the object store, once per node: the split and statistics, and the series when
     # training holds them (read-only views of the node's one copy)
     data: Prepared = ray.get(loop_config["data"])
@@ -89,6 +90,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     streams = {split: stream(split) for split in TRAINING_SPLITS if not data.held(split)}
 
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "history": []}
+    if rank == 0:
+        recover_checkpoints(checkpoint_dir)  # a run killed while it replaced a checkpoint
     if (checkpoint_dir / "last" / CHECKPOINT_FILE).exists():  # continue an interrupted run
         saved = torch.load(checkpoint_dir / "last" / CHECKPOINT_FILE, map_location=device, weights_only=True)
         unwrapped.load_state_dict(saved["model"])
@@ -144,6 +147,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state["bad_epochs"] >= train.patience:
             break
     progress.close()
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train logs each report ("Reporting training result 3: TrainingReport(...)") at INFO
+    under a logger named by its file's path, which RunConfig's LoggingConfig does not reach:
+    raypd's own epoch lines say what a user needs."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def epoch_shard(rows: int, seed: int, rank: int, world: int) -> np.ndarray:
@@ -328,6 +344,20 @@ def evaluate_loss(model, batches, device) -> float:
     return total.item() / entries
 
 
+def recover_checkpoints(checkpoint_dir: Path) -> None:
+    """A checkpoint is replaced by two renames (the old one away, the new one into place): a
+    run killed between them left `last` (or `best`) missing, the new one complete in its
+    temporary folder and the old one beside it. Put the new one in place (else the old)."""
+    for name in ("last", "best"):
+        target = checkpoint_dir / name
+        if target.exists():
+            continue
+        for source in (checkpoint_dir / f".{name}.tmp", checkpoint_dir / f".{name}.old"):
+            if (source / CHECKPOINT_FILE).exists():
+                source.rename(target)
+                break
+
+
 def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict) -> None:
     """checkpoint_dir/last (and /best when improved), each replaced whole. meta: what turns
     raw series into raw-unit predictions (raypd.serve.model_meta), saved beside the weights."""
@@ -389,9 +419,12 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     reports to Tune itself, since Train's API is not available to a Tune function.
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raypd.cli import quiet_libraries
+
+    quiet_libraries()  # also in a trial's own process
     workdir.mkdir(parents=True, exist_ok=True)
     loop_config = {"config": to_dict(config), "data": data_ref, "checkpoint_dir": str(workdir / "checkpoints"),
                    "use_gpu": use_gpu(config)}
@@ -423,7 +456,9 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
             num_workers=config.train.num_workers, use_gpu=loop_config["use_gpu"],
             resources_per_worker={"CPU": 1, "GPU": config.train.gpus_per_worker} if loop_config["use_gpu"] else None),
         run_config=RunConfig(name=name, storage_path=str(workdir / "ray"), callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             # not every report, checkpoint and worker start at INFO: raypd shows epochs
+                             logging_config=LoggingConfig(log_level="WARNING")),
     ).fit()
 
 
@@ -472,7 +507,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     config.data names (under root/data) is used, and generated when missing."""
     from raypd.generate import generate
 
-    workdir = Path(workdir)
+    # absolute: Ray Train's storage takes no relative path, and Ray's workers do not share
+    # this process's current folder
+    workdir, root = Path(workdir).absolute(), Path(root).absolute()
+    data_dir = None if data_dir is None else Path(data_dir).absolute()
     if data_dir is None:
         check_fits(config, config.data.time_points)  # before any Ray work
         data_dir = dataset_dir(config, Path(root))
@@ -490,21 +528,25 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     # the one copy of what training holds: in the object store (the driver's is dropped)
     data_ref = ray.put(data)
     data = ray.get(data_ref)
-    check_resumable(workdir, model_meta(config, data))
     check_shared(workdir.parent)
     from raypd.lock import hold
 
     workdir.mkdir(parents=True, exist_ok=True)
-    with hold(workdir / ".raypd.lock", f"training folder {workdir}"):  # one writer, also across nodes
+    # one writer, also across nodes: training and what evaluation writes (the calibration in
+    # checkpoints/best, metrics.json, predictions.parquet)
+    with hold(workdir / ".raypd.lock", f"training folder {workdir}"):
+        if (workdir / "checkpoints").is_dir():
+            recover_checkpoints(workdir / "checkpoints")
+        check_resumable(workdir, model_meta(config, data))
         fit(config, data_ref, workdir)
-    best = workdir / "checkpoints" / "best"
-    out, y_true, y_pred = evaluate_best(best, data)
-    history = read_state(workdir / "checkpoints" / "last")["history"]
-    out.update(epochs=history[-1]["epoch"], best_val_loss=min(h["val_loss"] for h in history),
-               history=history, dataset=str(data_dir), content_hash=files.manifest["content_hash"],
-               checkpoint=str(best), streamed=[split for split in TRAINING_SPLITS if not data.held(split)])
-    write_predictions(workdir / "predictions.parquet", data.sample_ids["test"], y_true, y_pred)
-    write_json(workdir / "metrics.json", out)
+        best = workdir / "checkpoints" / "best"
+        out, y_true, y_pred = evaluate_best(best, data)
+        history = read_state(workdir / "checkpoints" / "last")["history"]
+        out.update(epochs=history[-1]["epoch"], best_val_loss=min(h["val_loss"] for h in history),
+                   history=history, dataset=str(data_dir), content_hash=files.manifest["content_hash"],
+                   checkpoint=str(best), streamed=[split for split in TRAINING_SPLITS if not data.held(split)])
+        write_predictions(workdir / "predictions.parquet", data.sample_ids["test"], y_true, y_pred)
+        write_json(workdir / "metrics.json", out)
     return out
 
 
@@ -542,7 +584,7 @@ def held_splits(train: TrainConfig, files: DatasetFiles, store_bytes: float | No
     return ("val",) if size["val"] <= budget else ()
 
 
-CALIBRATION_ROWS = 20_000  # validation series the model-only intervals are calibrated on
+CALIBRATION_ROWS = 20_000  # calibration-split series the model-only intervals are calibrated on
 
 
 def evaluate_best(best: Path, data: Prepared, split_files: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -576,9 +618,11 @@ def evaluate_best(best: Path, data: Prepared, split_files: dict | None = None) -
             calibration.append((raw, series))
             calibration_rows += len(raw)
 
-    read("val", calibrate, limit=CALIBRATION_ROWS)
+    # the calibration split: no choice was made on it (the best epoch, ASHA and the best trial
+    # used the validation split), so the intervals' coverage holds on new series
+    read("calib", calibrate, limit=CALIBRATION_ROWS)
     targets, series = (np.concatenate(parts)[:CALIBRATION_ROWS] for parts in zip(*calibration))
-    add_calibration(best, series, targets, seed=int(data.sample_ids["val"][0]))
+    add_calibration(best, series, targets, seed=int(data.sample_ids["calib"][0]))
 
     model = SavedModel.load(best)
     rng = np.random.default_rng(12345)
@@ -630,13 +674,16 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> int:
         config = load_config(args.config, args.set)
-        out = Path(args.out) if args.out else Path(args.root) / "train" / Path(args.config).stem
+        root = absolute_path(args.root, "--root", args.address)
+        out = (absolute_path(args.out, "--out", args.address) if args.out
+               else root / "train" / Path(args.config).stem)
+        data = absolute_path(args.data, "--data", args.address) if args.data else None
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; it must be a folder")
         check_writable(out, "--out")
-        if args.data is None:  # the dataset is generated under ROOT/data when missing
-            check_writable(Path(args.root), "--root")
-        result = train_and_evaluate(config, out, args.data, args.root, args.address)
+        if data is None:  # the dataset is generated under ROOT/data when missing
+            check_writable(root, "--root")
+        result = train_and_evaluate(config, out, data, root, args.address)
         names = ", ".join(f"{k} {v['mse']:.3g}" for k, v in result["per_target"].items())
         print(f"{out}: test mse {result['mse']:.4f} (raw units; per target: {names}), "
               f"r2 {'n/a' if result['r2'] is None else format(result['r2'], '.3f')}, {result['epochs']} epochs")

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from raypd import __version__
-from raypd.cli import ArgumentParser, check_shared, check_writable, init_ray, run_main
+from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, redact, run_main
 from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import Config, from_dict, load_config, merge, to_dict
 from raypd.dataio import read_json
 from raypd.dataset import open_dataset, prepare, split_series, write_json
 from raypd.lock import hold
-from raypd.serve import TEST_SPLIT_FILE, VAL_SPLIT_FILE, write_test_split
+from raypd.tracking import OUTBOX_FILE, TRACKING_WAIT_SECONDS, mlflow_callback
+from raypd.serve import CALIBRATION_SPLIT_FILE, TEST_SPLIT_FILE, write_test_split
 
 STUDIES = Path(__file__).resolve().parents[1] / "tune_configs"
 STUDY_FILE = "study.json"
@@ -176,132 +177,7 @@ def make_trial(study: Config, data_ref, study_dir: Path, use_gpu: bool):
     return trial
 
 
-TRACKING_WAIT_SECONDS = 600.0  # at a study's end, how long results wait for a tracking server that went away
-
-
-def _mlflow_down_errors() -> tuple:
-    from mlflow.exceptions import MlflowException
-    from requests import RequestException
-
-    return (MlflowException, RequestException, OSError)
-
-
-def _flat_params(config: dict) -> dict:
-    from ray.tune.utils import flatten_dict
-
-    return {key: str(value)[:6000] for key, value in flatten_dict(config, delimiter="/").items()}
-
-
-def mlflow_callback(tracking_uri: str, study_name: str, tags: dict):
-    """The study's MLflow logging: a Tune LoggerCallback (defined here, so that importing
-    raypd.tune does not import Ray Tune)."""
-    from ray.tune.logger import LoggerCallback
-
-    class MlflowTrials(LoggerCallback):
-        """One MLflow run per trial (a resumed trial finds its run again by its trial_id tag), the
-        trial's sampled values as parameters, every result as one log_batch, and the run ended
-        FINISHED or FAILED with the trial.
-
-        A tracking server that goes away (a restart of the head's MLflow, a network blip) does not
-        stop the study: what it could not take waits in an outbox, in order, with the time it
-        happened, and is sent as soon as it answers again (tried with every later result, and at
-        the study's end for up to TRACKING_WAIT_SECONDS). One result is one database transaction:
-        Ray's MLflowLoggerCallback made one call per metric (~8 ms each on SQLite), and while the
-        driver logs, every trial waits for its next report to be collected (0.14 s wall per 0.05 s
-        epoch before)."""
-
-        def __init__(self, tracking_uri: str, experiment_name: str, tags: dict):
-            self.tracking_uri, self.experiment_name, self.tags = tracking_uri, experiment_name, tags
-            self.outbox: list[tuple] = []
-            self.runs: dict[str, str] = {}  # trial_id -> run_id
-            self.down_since: float | None = None
-            self.experiment_id: str | None = None
-
-        def _client(self):
-            from mlflow.tracking import MlflowClient
-
-            return MlflowClient(self.tracking_uri)  # cheap: MLflow keeps one store per URI
-
-        def log_trial_start(self, trial):
-            self._send("start", trial.trial_id, str(trial), _flat_params(trial.config))
-
-        def log_trial_result(self, iteration, trial, result):
-            from mlflow.entities import Metric
-            from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
-            from ray.tune.utils import flatten_dict
-
-            step = result.get(TIMESTEPS_TOTAL) or result[TRAINING_ITERATION]
-            now = int(time.time() * 1000)  # when it happened, not when it is sent
-            metrics = []
-            for key, value in flatten_dict(result).items():
-                try:
-                    metrics.append(Metric(key, float(value), now, step))
-                except (TypeError, ValueError):  # as Ray's callback: only what converts to float
-                    continue
-            self._send("metrics", trial.trial_id, metrics)
-
-        def log_trial_end(self, trial, failed: bool = False):
-            self._send("end", trial.trial_id, "FAILED" if failed else "FINISHED")
-
-        def on_experiment_end(self, trials, **info):
-            self.flush(wait=TRACKING_WAIT_SECONDS)
-            if self.outbox:
-                raise ValueError(f"the MLflow tracking server at {self.tracking_uri} has not answered for "
-                                 f"{time.monotonic() - self.down_since:.0f} s: {len(self.outbox)} results of this study "
-                                 "are not recorded there (its trials finished; their checkpoints are in the study folder)")
-
-        def _send(self, *operation) -> None:
-            self.outbox.append(operation)
-            self.flush()
-
-        def flush(self, wait: float = 0.0) -> None:
-            deadline = time.monotonic() + wait
-            while self.outbox:
-                try:
-                    self._apply(*self.outbox[0])
-                except _mlflow_down_errors() as exc:
-                    if self.down_since is None:
-                        self.down_since = time.monotonic()
-                        print(f"raypd.tune: the MLflow tracking server at {self.tracking_uri} does not answer "
-                              f"({type(exc).__name__}); the study goes on and its results wait to be sent",
-                              file=sys.stderr)
-                    if time.monotonic() >= deadline:
-                        return
-                    time.sleep(2.0)
-                    continue
-                self.outbox.pop(0)
-                if self.down_since is not None:
-                    print(f"raypd.tune: the MLflow tracking server at {self.tracking_uri} answers again after "
-                          f"{time.monotonic() - self.down_since:.0f} s; sending the results that waited", file=sys.stderr)
-                    self.down_since = None
-
-        def _apply(self, kind: str, trial_id: str, *payload) -> None:
-            client = self._client()
-            if self.experiment_id is None:
-                experiment = client.get_experiment_by_name(self.experiment_name)
-                self.experiment_id = (experiment.experiment_id if experiment else
-                                      client.create_experiment(self.experiment_name))
-            if kind == "start":
-                name, params = payload
-                if trial_id not in self.runs:
-                    found = client.search_runs([self.experiment_id], filter_string=f"tags.trial_id = '{trial_id}'")
-                    if found:
-                        self.runs[trial_id] = found[0].info.run_id
-                    else:
-                        run = client.create_run(self.experiment_id, run_name=name,
-                                                tags={**self.tags, "trial_name": name, "trial_id": trial_id})
-                        self.runs[trial_id] = run.info.run_id
-                run_id = self.runs[trial_id]
-                client.update_run(run_id, status="RUNNING")
-                from mlflow.entities import Param
-
-                client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-            elif kind == "metrics":
-                client.log_batch(self.runs[trial_id], metrics=payload[0])
-            else:
-                client.set_terminated(self.runs[trial_id], status=payload[0])
-
-    return MlflowTrials(tracking_uri, f"raypd-{study_name}", tags)
+TRACKING_START_SECONDS = 120.0  # before a study: how long to wait for a tracking server that is starting
 
 
 # --------------------------------------------------------------------------- the study
@@ -320,11 +196,7 @@ def study_path(study: str | None, config_file: str | None) -> Path:
 def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri: str | None = None,
               address: str | None = None) -> dict:
     """Run (or resume, or just summarise) study `name`; return its summary."""
-    import ray
-    from ray import tune
-
-    from raypd.generate import generate
-    from raypd.train import check_fits, dataset_dir, held_splits
+    from raypd.train import check_fits
 
     root = Path(root).absolute()
     study_dir = root / "tune" / name
@@ -341,10 +213,37 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
             # a finished study: (re-)register its best model; nothing is written (not even the
             # lock) when it is registered already
             uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+            if (study_dir / OUTBOX_FILE).exists():  # results a stop or an outage left unsent
+                with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
+                    send_outbox(uri, name, study_instance(study_dir), study_dir)
             if not already_registered(name, summary, uri):
                 with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
                     register_best(name, summary, uri, study_dir, quiet=True)
             return summary
+
+    created = not study_dir.exists()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # one writer per study, also across the nodes that share ROOT (raypd.lock): taken
+        # first, so that a second process is refused before it generates or reads anything
+        with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
+            if (study_dir / SUMMARY_FILE).exists():  # finished by another process meanwhile
+                return read_json(study_dir / SUMMARY_FILE)
+            return _run_locked(config, name, root, study_dir, resolved, tracking_uri, address)
+    except BaseException:
+        if created and study_dir.is_dir() and not any(study_dir.iterdir()):
+            study_dir.rmdir()  # refused before anything was written: nothing left behind
+        raise
+
+
+def _run_locked(config: Config, name: str, root: Path, study_dir: Path, resolved: dict, tracking_uri: str | None,
+                address: str | None) -> dict:
+    """run_study's work, under the study's lock."""
+    import ray
+    from ray import tune
+
+    from raypd.generate import generate
+    from raypd.train import dataset_dir, held_splits
 
     init_ray(address)
     capacity = cluster_capacity()
@@ -359,54 +258,75 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     # one copy in the object store for every trial (the series too, unless trials stream them)
     data_ref = ray.put(prepare(data_dir, config.train, held=held_splits(config.train, files)))
     prepared = ray.get(data_ref)  # the store's read-only view: the driver keeps no copy of its own
-    study_dir.mkdir(parents=True, exist_ok=True)
-    # one writer per study, also across the nodes that share ROOT (raypd.lock)
-    with hold(study_dir / LOCK_FILE, f"study {name} in {study_dir}"):
-        if (study_dir / SUMMARY_FILE).exists():  # finished by another process meanwhile
-            return read_json(study_dir / SUMMARY_FILE)
-        write_json(study_dir / STUDY_FILE, resolved)
+    write_json(study_dir / STUDY_FILE, resolved)
+    instance = study_instance(study_dir)
 
-        tracking_uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
-        if tracking_uri.split(":", 1)[0] in ("http", "https"):
-            # a call to a server that went away fails at once (MLflow's default: 7 retries,
-            # minutes of backoff, while every trial waits): the results wait in the outbox
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        tags = {"study": name, "content_hash": manifest["content_hash"], "data_seed": str(config.data.seed),
-                "raypd_version": __version__, "searcher": config.search.searcher}
-        if tracking_uri.startswith("sqlite:"):  # keep artifacts under ROOT, not in ./mlruns
-            from mlflow.tracking import MlflowClient
+    tracking_uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+    if tracking_uri.split(":", 1)[0] in ("http", "https"):
+        # a call to a server that went away fails at once (MLflow's default: 7 retries,
+        # minutes of backoff, while every trial waits): the results wait in the outbox
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    tags = {"study": name, "content_hash": manifest["content_hash"], "data_seed": str(config.data.seed),
+            "raypd_version": __version__, "searcher": config.search.searcher, "study_instance": instance}
+    if tracking_uri.startswith("sqlite:"):  # keep artifacts under ROOT, not in ./mlruns
+        from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(tracking_uri)
-            if client.get_experiment_by_name(f"raypd-{name}") is None:
-                client.create_experiment(f"raypd-{name}", artifact_location=(root / "mlartifacts").as_uri())
-        trainable = tune.with_resources(make_trial(config, data_ref, study_dir, plan.use_gpu), plan.resources)
-        # A trial that fails (a lost node, a killed worker) is retried, continuing from its
-        # checkpoints in study_dir/trials/<id>.
-        run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
-                                    failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-                                    callbacks=[mlflow_callback(tracking_uri, name, tags)])
-        if tune.Tuner.can_restore(study_dir) and not list(study_dir.glob("experiment_state-*.json")):
-            # Tune writes tuner.pkl first and its experiment state (trials, searcher) a few
-            # seconds later: a study stopped in between has nothing to restore, and nothing of it
-            # has run to the end; Tuner.restore would fail ("no search space has been defined").
-            print(f"raypd.tune: study {name} in {study_dir} was stopped before Tune saved its state: "
-                  "starting it afresh", file=sys.stderr)
-            discard_tune_state(study_dir, name)
-        if tune.Tuner.can_restore(study_dir):
-            print(f"resuming study {name} from {study_dir}", file=sys.stderr)
-            tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
-                               tune_config=tune_config(config, plan.concurrent, name, study_dir))
-        results, interrupted = fit_or_interrupted(tuner)
-        if interrupted:  # Tune stopped its trials and saved its state: the study is not done
-            raise KeyboardInterrupt
-        summary = summarise(config, name, results, prepared, study_dir)
-        finish_mlflow(tracking_uri, name, summary)
-        write_json(study_dir / SUMMARY_FILE, summary)
-        register_best(name, summary, tracking_uri, study_dir)
-        return summary
+        client = MlflowClient(tracking_uri)
+        if client.get_experiment_by_name(f"raypd-{name}") is None:
+            client.create_experiment(f"raypd-{name}", artifact_location=(root / "mlartifacts").as_uri())
+    trainable = tune.with_resources(make_trial(config, data_ref, study_dir, plan.use_gpu), plan.resources)
+    # A trial that fails (a lost node, a killed worker) is retried, continuing from its
+    # checkpoints in study_dir/trials/<id>.
+    # Tune's CSV and JSON result files, not its TensorBoard files (TensorBoard is not
+    # installed with raypd; MLflow shows the curves)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+                                callbacks=[mlflow_callback(tracking_uri, name, tags, study_dir / OUTBOX_FILE),
+                                           CSVLoggerCallback(),
+                                           JsonLoggerCallback()])
+    if tune.Tuner.can_restore(study_dir) and not list(study_dir.glob("experiment_state-*.json")):
+        # Tune writes tuner.pkl first and its experiment state (trials, searcher) a few
+        # seconds later: a study stopped in between has nothing to restore, and nothing of it
+        # has run to the end; Tuner.restore would fail ("no search space has been defined").
+        print(f"raypd.tune: study {name} in {study_dir} ended (stopped or failed) before Tune saved its "
+              "state: starting it afresh", file=sys.stderr)
+        discard_tune_state(study_dir, name)
+    if tune.Tuner.can_restore(study_dir):
+        print(f"raypd.tune: resuming study {name} from {study_dir}", file=sys.stderr)
+        tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
+                           tune_config=tune_config(config, plan.concurrent, name, study_dir))
+    results, interrupted = fit_or_interrupted(tuner)
+    if interrupted:  # Tune stopped its trials and saved its state: the study is not done (what
+        raise KeyboardInterrupt  # MLflow has not taken yet stays in the outbox file, for the next run)
+    send_outbox(tracking_uri, name, instance, study_dir)
+    summary = summarise(config, name, results, prepared, study_dir)
+    finish_mlflow(tracking_uri, name, summary, instance)
+    write_json(study_dir / SUMMARY_FILE, summary)
+    register_best(name, summary, tracking_uri, study_dir)
+    return summary
+
+
+def send_outbox(tracking_uri: str, name: str, instance: str | None, study_dir: Path) -> None:
+    """Wait (up to TRACKING_WAIT_SECONDS) until MLflow holds every result of the study's outbox
+    (raypd.tracking); a ValueError if the tracking server never answers (the outbox stays)."""
+    from raypd import tracking
+
+    queue = tracking.sender(tracking_uri, f"raypd-{name}", instance, study_dir / OUTBOX_FILE)
+    if not queue.pending():
+        return
+    wait = float(os.environ.get("RAYPD_TRACKING_WAIT_SECONDS", TRACKING_WAIT_SECONDS))
+    left = queue.flush(wait)
+    if left:
+        raise ValueError(f"the MLflow tracking server at {redact(tracking_uri)} has not answered for {wait:.0f} s: "
+                         f"{left} results of study {name} wait in {study_dir / OUTBOX_FILE} (its trials are "
+                         "done; their checkpoints are in the study folder); run the same command again once it "
+                         "answers to send them")
 
 
 def fit_or_interrupted(tuner):
@@ -470,7 +390,7 @@ def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, 
         return
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
         # a study tracked elsewhere (--tracking-uri): do not create a store here
-        print(f"raypd.tune: the best model is not registered: no MLflow store at {tracking_uri} "
+        print(f"raypd.tune: the best model is not registered: no MLflow store at {redact(tracking_uri)} "
               "(pass the study's --tracking-uri)", file=sys.stderr)
         return
     started = time.perf_counter()
@@ -483,7 +403,7 @@ def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, 
         return
     if out and out["new"]:
         print(f"raypd.tune: registered {out['model_uri']} in {time.perf_counter() - started:.1f} s "
-              f"(MLflow {tracking_uri})", file=sys.stderr)
+              f"(MLflow {redact(tracking_uri)})", file=sys.stderr)
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -496,33 +416,63 @@ def check_tracking_uri(uri: str) -> None:
     try:
         MlflowClient(uri)
     except MlflowException as exc:
-        raise ValueError(f"--tracking-uri {uri}: {exc.message.strip().splitlines()[0]}") from None
+        raise ValueError(f"--tracking-uri {redact(uri)}: {redact(exc.message.strip().splitlines()[0])}") from None
     if uri.split(":", 1)[0] in ("http", "https"):
         import requests
 
-        try:  # one quick request, not MLflow's minutes of retries
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException as exc:
-            raise ValueError(f"--tracking-uri {uri}: no MLflow tracking server answers there "
-                             f"({type(exc).__name__}); start it (mlflow server ...) or pass another URI") from None
+        wait = float(os.environ.get("RAYPD_TRACKING_START_SECONDS", TRACKING_START_SECONDS))
+        deadline, said = time.monotonic() + wait, False
+        while True:
+            try:  # quick requests, not MLflow's minutes of retries
+                requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+                return
+            except requests.RequestException as exc:
+                if time.monotonic() >= deadline:
+                    raise ValueError(f"--tracking-uri {redact(uri)}: no MLflow tracking server answers there "
+                                     f"({type(exc).__name__}, waited {wait:.0f} s); start it (mlflow server ...) "
+                                     "or pass another URI") from None
+                if not said:  # the first miss: say so, once
+                    said = True
+                    print(f"raypd.tune: no MLflow tracking server answers at {redact(uri)} yet: waiting up to {wait:.0f} s "
+                          "for one that is starting (a cluster's head starts it with `ray up`)", file=sys.stderr)
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
-def finish_mlflow(tracking_uri: str, name: str, summary: dict) -> None:
+def finish_mlflow(tracking_uri: str, name: str, summary: dict, instance: str) -> None:
     """Tag the best trial's run with its checkpoint. A study killed before Tune saved its
     state loses the trials it had just started (the searcher proposes new ones on resume):
-    their runs are deleted, so the experiment holds exactly one run per trial."""
+    their runs are deleted, so the experiment holds exactly one run per trial. Only this study
+    instance's runs (tag study_instance) are looked at: a study of the same NAME under another
+    ROOT (or one run before its folder was removed) shares the experiment on a shared server."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(f"raypd-{name}")
     trial_ids = {t["trial_id"] for t in summary["trials"]}
-    for run in client.search_runs([experiment.experiment_id], max_results=50_000):
+    for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.study_instance = '{instance}'",
+                                  max_results=50_000):
         trial_id = run.data.tags.get("trial_id")
         if trial_id not in trial_ids:
             client.delete_run(run.info.run_id)
         elif trial_id == summary["best_trial_id"]:
             client.set_tag(run.info.run_id, "best_checkpoint", summary["best_checkpoint"])
             client.set_tag(run.info.run_id, "best_trial", "true")
+
+
+INSTANCE_FILE = "instance.json"  # in ROOT/tune/NAME: which study this folder holds, for MLflow
+
+
+def study_instance(study_dir: Path) -> str:
+    """The id of the study this folder holds, made when the folder's study started: its MLflow
+    runs carry it (tag study_instance), so that only its own runs are ever deleted."""
+    import uuid
+
+    path = study_dir / INSTANCE_FILE
+    if path.exists():
+        return read_json(path, " (remove the study folder, or use another --root)")["study_instance"]
+    instance = uuid.uuid4().hex
+    write_json(path, {"study_instance": instance, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    return instance
 
 
 OPTUNA_FILE = "optuna.db"  # in ROOT/tune/NAME: the Optuna study of an optuna-searched study
@@ -532,32 +482,48 @@ def optuna_storage_url(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).absolute() / OPTUNA_FILE}"
 
 
+def searched_metric(config: Config) -> str:
+    """What the searcher records as a trial's value: with val_loss, the trial's best validation
+    loss over the epochs it ran (best_val_loss), the value summary.json, MLflow's best_val_loss
+    and the best checkpoint stand for; not its last epoch's, which an ASHA-stopped or
+    early-stopped trial may have passed. (ASHA compares trials on each epoch's val_loss.)"""
+    return "best_val_loss" if config.search.metric == "val_loss" else config.search.metric
+
+
 def tune_config(config: Config, concurrent: int, study_name: str, study_dir: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     search = config.search
-    if search.searcher == "optuna":
+    if not search.space:
+        # nothing to search (base: one run of one model): Tune's own generator runs the
+        # study's config num_samples times (Optuna and HyperOpt refuse an empty space)
+        searcher = None
+    elif search.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
+        import optuna
         from optuna.storages import RDBStorage
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB ..."
 
         # The search's Optuna study lives in the study folder, not only in Tune's pickled
         # searcher: optuna-dashboard and optuna.load_study (the notebook's plots) read it,
         # while the study runs and after; a resumed study goes on writing to it.
-        searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed,
+        searcher = OptunaSearch(metric=searched_metric(config), mode=search.mode, seed=search.seed,
                                 study_name=f"raypd-{study_name}",
                                 storage=RDBStorage(optuna_storage_url(study_dir)))
     else:
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        searcher = HyperOptSearch(metric=search.metric, mode=search.mode, random_state_seed=search.seed)
+        searcher = HyperOptSearch(metric=searched_metric(config), mode=search.mode, random_state_seed=search.seed)
     scheduler = (ASHAScheduler(time_attr="epoch", metric=search.metric, mode=search.mode,
                                max_t=config.train.epochs, grace_period=min(search.grace_period, config.train.epochs),
                                reduction_factor=search.reduction_factor)
                  if search.scheduler == "asha" else FIFOScheduler())
-    return tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+    return tune.TuneConfig(search_alg=searcher and ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+                           max_concurrent_trials=None if searcher else concurrent,
                            scheduler=scheduler, num_samples=search.num_samples, reuse_actors=True,
                            # the dashboard and Tune's table show "<study>_<trial id>"
                            trial_name_creator=lambda trial: f"{study_name}_{trial.trial_id}",
@@ -566,7 +532,7 @@ def tune_config(config: Config, concurrent: int, study_name: str, study_dir: Pat
 
 def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> dict:
     """summary.json: the best trial (by its best validation loss), its best checkpoint
-    (its model-only intervals calibrated on the validation split) evaluated on the test split
+    (its model-only intervals calibrated on the calibration split) evaluated on the test split
     in raw units, with its intervals' coverage, and one entry per trial. The study's split
     files (what report and predict --refine read, not ROOT/data) are written from the same
     reads of the dataset's files."""
@@ -600,7 +566,7 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
                "best_val_loss": best["val_loss"] if best else None,
                "best_checkpoint": str(Path(best["path"]) / "checkpoints" / "best") if best else None,
                "best_test_metrics": None, "trials": trials}
-    split_files = {"test": study_dir / TEST_SPLIT_FILE, "val": study_dir / VAL_SPLIT_FILE}
+    split_files = {"test": study_dir / TEST_SPLIT_FILE, "calib": study_dir / CALIBRATION_SPLIT_FILE}
     if best:
         summary["best_test_metrics"], _, _ = evaluate_best(Path(summary["best_checkpoint"]), prepared, split_files)
     else:
@@ -609,7 +575,10 @@ def summarise(config: Config, name: str, results, prepared, study_dir: Path) -> 
     return summary
 
 
-def print_summary(summary: dict) -> None:
+SMOKE_SAMPLES = 2_000  # a study on fewer samples is a check that the pipeline runs, not a result
+
+
+def print_summary(summary: dict, config: Config) -> None:
     print(f"study {summary['study']}: {summary['num_trials']} trials, {summary['total_epochs']} epochs in all")
     print(f"{'trial':<12} {'status':<11} {'epochs':>6} {'val_loss':>10}  config")
     for t in sorted(summary["trials"], key=lambda t: (t["val_loss"] is None, t["val_loss"] or 0)):
@@ -619,6 +588,12 @@ def print_summary(summary: dict) -> None:
         m = summary["best_test_metrics"]
         print(f"best: {summary['best_trial_id']} val_loss {summary['best_val_loss']:.4f}; test mse {m['mse']:.4f} "
               f"(raw units), r2 {'n/a' if m['r2'] is None else format(m['r2'], '.3f')}; checkpoint {summary['best_checkpoint']}")
+        budget = f"{config.data.samples:,} samples, at most {config.train.epochs} epochs a trial"
+        if config.data.samples < SMOKE_SAMPLES:
+            print(f"note: a smoke run's figure ({budget}): it shows the pipeline runs, not what the model can do "
+                  "(README, \"Accuracy\", has the studies' results)")
+        else:
+            print(f"({budget})")
 
 
 # --------------------------------------------------------------------------- command line
@@ -647,12 +622,13 @@ def main(argv: list[str] | None = None) -> None:
             check_space(config)
             print(json.dumps({"study": name, **to_dict(config)}, indent=1))
             return 0
-        if Path(args.root).exists() and not Path(args.root).is_dir():
+        root = absolute_path(args.root, "--root", args.address)
+        if root.exists() and not root.is_dir():
             raise ValueError(f"--root {args.root} is a file; it must be a folder")
-        check_writable(Path(args.root), "--root")
+        check_writable(root, "--root")
         if args.tracking_uri and not args.tracking_uri.startswith("sqlite:"):
             check_tracking_uri(args.tracking_uri)
-        print_summary(run_study(config, name, args.root, args.tracking_uri, args.address))
+        print_summary(run_study(config, name, root, args.tracking_uri, args.address), config)
         return 0
 
     run_main("raypd.tune", body)

@@ -1,5 +1,5 @@
 """Independent references for the science tests: a one-sample right-hand side, a tight scipy
-solution and a loop-per-sample stability filter written from DESIGN §1, sharing no code with
+solution and a loop-per-sample stability filter written from docs/science.md §4, sharing no code with
 raypd.ode beyond the parameter layout."""
 
 import itertools
@@ -32,7 +32,7 @@ def dop853_series(params, ic, times, n, rtol=1e-10, atol=1e-12):
 
 
 def stable_one(params, n):
-    """DESIGN §1's filter for one parameter vector, by plain loops."""
+    """docs/science.md §4's filter for one parameter vector, by plain loops."""
     g, mu, Pi, Gamma = split(np.asarray(params, float), n)
     verdicts = []
     for size in range(1, n + 1):

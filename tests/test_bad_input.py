@@ -57,8 +57,11 @@ CASES = [
     ("train", "", ["--set", "train.shuffle_buffer=0"], "train.shuffle_buffer must be >= 1 row"),
     ("train", "", ["--set", "train.streaming=maybe"], "train.streaming must be bool | None (got 'maybe')"),
     ("train", "", ["--set", "lr"], "--set 'lr' must look like key=value"),
-    ("train", "", ["--set", "train.split=[0.98,0.01,0.01]"], "of the dataset's 40 leaves the val split empty (39/0/1)"),
-    ("tune", "", ["--set", "data.samples=5"], "of data.samples 5 leaves the test split empty (4/1/0)"),
+    ("train", "", ["--set", "train.split=[0.98,0.01,0.01]"],
+     "of the dataset's 40 leaves the val and calib split empty (train 39/val 0/calib 0/test 1)"),
+    ("tune", "", ["--set", "data.samples=5"],
+     "of data.samples 5 leaves the calib and test split empty (train 4/val 1/calib 0/test 0)"),
+    ("train", "", ["--set", "train.calibration=1"], "train.calibration must be a share in (0, 1) (got 1.0)"),
     ("train", "", ["--set", "train.nope=1"], "unknown key train.nope"),
     ("train", "", ["--set", "data.samples=0"], "data.samples must be >= 1"),
     ("train", "", ["--set", "train.lr.x=1"], "train.lr must be float"),
@@ -156,7 +159,9 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(dataset, tmp_path, 
     if stage == "tune" and "--root" not in args:
         args += ["--root", str(tmp_path / "root")]
     before = snapshot(tmp_path)
-    result = run_cli(f"raypd.{stage}", *args, cwd=tmp_path, timeout=120)
+    # a tracking server that does not answer is refused at once, not after waiting for one
+    # that may be starting (raypd.tune.TRACKING_START_SECONDS; tests/test_tracking.py)
+    result = run_cli(f"raypd.{stage}", *args, cwd=tmp_path, timeout=120, env={"RAYPD_TRACKING_START_SECONDS": "0"})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr

@@ -110,14 +110,21 @@ def test_a_damaged_dataset_is_named(dataset_dir, tmp_path, how, message):
     assert named in str(info.value)
 
 
-def test_split_is_deterministic_disjoint_and_70_15_15():
+def test_split_is_deterministic_disjoint_and_70_15_15_with_half_the_validation_set_apart():
     ids = np.arange(1000)
     a = split_ids(ids, (0.7, 0.15, 0.15), seed=3)
     b = split_ids(ids[::-1].copy(), (0.7, 0.15, 0.15), seed=3)
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert [a[k].size for k in ("train", "val", "test")] == [700, 150, 150]
-    assert np.array_equal(np.sort(np.concatenate(list(a.values()))), ids)
+    # the calibration split is half of the validation 15% (train.calibration 0.5)
+    assert [a[k].size for k in ("train", "val", "calib", "test")] == [700, 75, 75, 150]
+    assert np.array_equal(np.sort(np.concatenate(list(a.values()))), ids)  # disjoint and complete
     assert not np.array_equal(split_ids(ids, (0.7, 0.15, 0.15), seed=4)["test"], a["test"])
+    # train and test are the seeded permutation's cuts as they were before there was a
+    # calibration split (figures on the test split stay comparable)
+    order = np.random.default_rng(3).permutation(ids)
+    assert np.array_equal(a["train"], np.sort(order[:700])) and np.array_equal(a["test"], np.sort(order[850:]))
+    assert np.array_equal(np.sort(np.concatenate([a["val"], a["calib"]])), np.sort(order[700:850]))
+    assert split_ids(ids, (0.7, 0.15, 0.15), seed=3, calibration=0.2)["calib"].size == 30
 
 
 def test_normalisation_is_per_sample_and_group_without_mean_shift():

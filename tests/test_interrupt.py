@@ -71,19 +71,27 @@ def test_a_study_stopped_at_any_point_is_finished_by_the_same_command(smoke_data
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     if how != signal.SIGKILL:  # a clean stop: one line saying how to continue, no summary
-        assert proc.returncode == 130, stderr[-2000:]
+        assert proc.returncode == (143 if how == signal.SIGTERM else 130), stderr[-2000:]
         assert stderr.strip().splitlines()[-1] == f"raypd.tune: {STOPPED}"
         assert not (study_dir / "summary.json").exists()
         assert "Traceback" not in stderr
 
+    # what each trial had done when it stopped: a resumed trial continues from there
+    stopped_at = {p.parents[2].name: read_state(p.parent)["history"]
+                  for p in (study_dir / "trials").glob("*/checkpoints/last/state.pt")}
     result = run_cli(*STUDY, "--root", str(root), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     if point == "before any trial":
-        assert "was stopped before Tune saved its state: starting it afresh" in result.stderr
+        assert "ended (stopped or failed) before Tune saved its state: starting it afresh" in result.stderr
     summary = json.loads((study_dir / "summary.json").read_text())
     trial_ids = sorted(t["trial_id"] for t in summary["trials"])
     assert summary["num_trials"] == 4 and len(set(trial_ids)) == 4
     assert all(t["status"] == "TERMINATED" and t["epochs"] >= 1 for t in summary["trials"])
+    for trial in summary["trials"]:  # continued, not restarted: the epochs before the stop kept as they were
+        history = read_state(study_dir / "trials" / trial["trial_id"] / "checkpoints" / "last")["history"]
+        assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+        before = stopped_at.get(trial["trial_id"], [])
+        assert history[: len(before)] == before, trial["trial_id"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("raypd-smoke")
     runs = client.search_runs([experiment.experiment_id])

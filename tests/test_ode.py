@@ -171,13 +171,13 @@ def test_stability_n2_hand_built():
     # two independent unstable copies (as the n=1 case above)
     assert not verdict([-1, -1], [-2, -2], -np.eye(2), -np.eye(2))
     # a stable equilibrium performing action 1 only and an unstable one performing action 2
-    # only (Pi_12 = 2 keeps the latter valid: Pi_12 a_2 >= g_1): rejected, as DESIGN says
+    # only (Pi_12 = 2 keeps the latter valid: Pi_12 a_2 >= g_1): rejected, as docs/science.md §4 says
     # "all stable"
     mixed = ([1, -1], [-1, -2], np.array([[1.0, 2.0], [0.0, -1.0]]), np.diag([0.5, -1.0]))
     assert not verdict(*mixed)
     # the same two copies uncoupled: action 2's growing mode has effort part (0, w), not
     # all positive, so the joint equilibrium passes, and the action-2-only one is invalid
-    # (Pi_12 a_2 = 0 < g_1): accepted. The filter reads DESIGN's words literally.
+    # (Pi_12 a_2 = 0 < g_1): accepted. The filter reads science.md's words literally.
     assert verdict([1, -1], [-1, -2], np.diag([1.0, -1.0]), np.diag([0.5, -1.0]))
     # both actions cheap to start (g > 0) but mutual reinforcement through Gamma's
     # off-diagonal: the joint equilibrium has a growing real mode in both efforts

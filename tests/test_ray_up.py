@@ -305,8 +305,9 @@ def test_ray_up_of_the_onprem_cluster_file_runs_a_study(sshd, short_tmp, tmp_pat
 
         t = time.time()
         wait_for_port(dashboard, 120, "the dashboard", log=short / "session_latest" / "logs" / "dashboard.log")
-        wait_for_port(mlflow_port, 120, "mlflow server", log=tmp_path / "mlflow.log")
-        timings["dashboard and mlflow up"] = time.time() - t
+        timings["dashboard up"] = time.time() - t
+        # no wait for MLflow's port: the README's job submit comes right after `ray up`, and
+        # raypd.tune waits for a tracking server that is still starting
 
         t = time.time()
         for attempt in range(1, 25):  # the dashboard answers before the head's job agent is ready

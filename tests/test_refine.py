@@ -85,22 +85,111 @@ def test_an_unidentifiable_series_is_flagged_not_invented():
     start = np.array([0.5, 0.0, 2.0, 0.5, -1.0, -0.5])
     fit = fit_series(series[0], start[None], problem)
     assert not fit.identified
-    assert np.isnan(fit.se).all()
+    free = problem.free
+    assert not fit.determined[free].any() and fit.determined[~free].all()  # mu is fixed: known
+    assert np.isnan(fit.se[free]).all() and (fit.se[~free] == 0).all()
+
+
+HIDDEN_DESIRE = np.array([0.01, 0.0, 1.0, 0.5, -3.84, 1.0])  # g, mu, Pi, Gamma, v0, m0: v < mu = 0 throughout
+
+
+def hidden_desire_series(times=TIMES):
+    """A series whose desire v stays below mu = 0 over the whole span (u = 0 throughout) while
+    the effort decays from m(0) = 1: it shows Gamma and m(0), and nothing of g, Pi and v(0)."""
+    theta = HIDDEN_DESIRE
+    series, ok = ode.solve(theta[None, :4], theta[None, 4:], np.asarray(times), 1)
+    assert ok[0] and np.all(series[0, 0] == 0.0) and series[0, 1, 0] == 1.0
+    return series[0]
+
+
+def test_a_series_that_hides_its_desire_determines_only_what_it_shows():
+    """The fit explains the series but is rank-deficient: Gamma and m(0) are determined (and
+    exact), g, Pi and v(0) are not; from a start that puts the desire above mu the optimiser
+    drives v(0) onto the kink of max(v, mu) (v(0) = 0, a number that looks measured): it must
+    not count as determined there."""
+    problem = FitProblem.from_data_config(N1)
+    observed = hidden_desire_series()
+    names = ode.param_names(1) + ode.ic_names(1)
+    for start in ([0.8, 0.0, 1.5, 0.8, -1.0, 0.5], [0.1, 0.0, 1.0, 0.4, -2.0, 1.2]):
+        fit = fit_series(observed, np.array(start)[None], problem)
+        assert not fit.identified and fit.residual < 1e-4, (start, fit)
+        determined = dict(zip(names, fit.determined))
+        assert determined == {"g_1": False, "mu_1": True, "Pi_11": False, "Gamma_11": True, "v0_1": False,
+                              "m0_1": True}, (start, fit)
+        np.testing.assert_allclose(fit.estimate[[3, 5]], HIDDEN_DESIRE[[3, 5]], atol=1e-6)
+        assert np.isfinite(fit.se[fit.determined]).all() and np.isnan(fit.se[~fit.determined]).all()
+
+
+class FixedModel:
+    """A stand-in for raypd.serve.SavedModel: fixed estimates, a model-only interval of +-half."""
+
+    def __init__(self, estimates, half):
+        self.estimates, self.half = np.asarray(estimates, dtype=np.float64), np.asarray(half, dtype=np.float64)
+
+    def predict(self, series):
+        return self.estimates.copy()
+
+    def predict_with_intervals(self, series, level):
+        return self.estimates.copy(), self.estimates - self.half, self.estimates + self.half
+
+
+def test_refined_estimates_lie_in_their_intervals_and_undetermined_targets_keep_the_model():
+    """refine_with_intervals on an identified series, one hiding its desire and one no ODE of
+    the study explains: determined targets take the fit and its calibrated Gauss-Newton
+    interval, the others the model's estimate and model-only interval."""
+    from raypd.intervals import LEVEL_GRID, NOISE_LEVELS
+    from raypd.refine import refine_with_intervals
+
+    problem = FitProblem.from_data_config(N1)
+    targets, series = truths(1, 1, seed=11)
+    hidden = hidden_desire_series()
+    t = np.asarray(TIMES)
+    foreign = np.stack([1.0 + np.sin(t) * np.exp(-0.01 * t), np.abs(np.cos(0.3 * t)) + 0.2 * (t > 50)])
+    observed = np.stack([series[0], hidden, foreign])
+    estimates = np.array([np.clip(targets[0] + 0.05 * (problem.upper - problem.lower), problem.lower, problem.upper),
+                          [0.8, 0.0, 1.5, 0.8, -1.0, 0.5], [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+    estimates[:, 1] = 0.0
+    half = np.tile([0.5, 0.0, 0.4, 0.3, 2.0, 0.6], (3, 1))
+    calibration = {"levels": list(LEVEL_GRID), "noise_levels": list(NOISE_LEVELS),
+                   "quantiles": [[[3.0] * 6] * len(LEVEL_GRID)] * len(NOISE_LEVELS),
+                   "unidentified_quantiles": [None] * len(NOISE_LEVELS)}
+    out = refine_with_intervals([FixedModel(estimates, half)], observed, problem, calibration, 0.9, progress=False)
+    assert out["identified"].tolist() == [True, False, False]
+    determined = out["determined"]
+    assert determined[0].all()
+    assert determined[1].tolist() == [False, True, False, True, False, True]
+    assert determined[2].tolist() == [False, True, False, False, False, False]
+    assert ((out["lower"] <= out["estimate"]) & (out["estimate"] <= out["upper"])).all()
+    # determined: the fit, +- 3 se; not determined: the model's estimate, +- its half-width
+    width = 3.0 * out["se"]
+    np.testing.assert_array_equal(out["estimate"][determined], out["fit_estimate"][determined])
+    np.testing.assert_allclose((out["upper"] - out["estimate"])[determined], width[determined], rtol=1e-6, atol=1e-14)
+    np.testing.assert_array_equal(out["estimate"][~determined], estimates[~determined])
+    np.testing.assert_allclose(out["lower"][~determined], (estimates - half)[~determined])
+    np.testing.assert_allclose(out["upper"][~determined], (estimates + half)[~determined])
+    np.testing.assert_allclose(out["estimate"][0], targets[0], atol=1e-4)
+    np.testing.assert_allclose(out["estimate"][1, [3, 5]], HIDDEN_DESIRE[[3, 5]], atol=1e-6)
+    assert out["estimate"][1, 4] == -1.0  # v(0): the model's, not the optimiser's 0
+    assert (out["upper"] - out["lower"])[1, [3, 5]].max() < 1e-6  # a clean fit's narrow interval
 
 
 def test_a_start_whose_system_diverges_is_a_failed_start_not_a_crash():
     n = 2
-    cfg = DataConfig(n_actions=n)
+    cfg = DataConfig(n_actions=n, mu_range=(0.0, 0.0))
     lo, hi = cfg.bounds()
     draws = lo + (hi - lo) * np.random.default_rng(7).random((400, lo.size))
     n_p = ode.num_params(n)
     _, ok = ode.solve(draws[:, :n_p], draws[:, n_p:], TIMES, n, max_steps=20_000)
     diverging = draws[~ok][0]
-    targets, series = truths(n, 1, seed=13, mu_range=(-10.0, 0.0))
+    assert not ode.solve(diverging[None, :n_p], diverging[None, n_p:], TIMES, n, max_steps=20_000)[1][0]
+    targets, series = truths(n, 1, seed=13)
     problem = FitProblem.from_data_config(cfg)
     fit = fit_series(series[0], diverging[None], problem, restarts=1)
     assert fit.starts >= 1 and np.isfinite(fit.estimate).all()
     assert fit.identified == bool(fit.residual <= 1e-4 and np.isfinite(fit.se).all())
+    # and it found the truth: the series (mu fixed) determines every target
+    assert fit.identified and fit.determined.all()
+    np.testing.assert_allclose(fit.estimate, targets[0], atol=1e-6 * (hi - lo).max())
 
 
 def test_conformal_quantiles_are_order_statistics():
@@ -163,7 +252,7 @@ def test_refine_on_ray_data_matches_the_fit_in_this_process_and_calibrates():
     starts = np.clip(targets[:24] + rng.normal(size=(24, 6)) * spread, problem.lower, problem.upper)[:, None]
     on_ray = refine(series[:24], starts, problem, local=False, progress=False)
     here = refine(series[:24], starts, problem, local=True)
-    for key in ("estimate", "residual", "identified", "starts"):
+    for key in ("estimate", "residual", "identified", "starts", "determined"):
         np.testing.assert_array_equal(on_ray[key], here[key])
     assert on_ray["identified"].mean() >= 0.9
 

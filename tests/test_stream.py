@@ -67,7 +67,7 @@ def test_one_pass_over_the_files_gives_what_the_whole_dataset_in_memory_gives(da
 def test_training_holds_what_fits_in_its_share_of_the_object_store(data_dir):
     files = open_dataset(data_dir)
     sizes = {s: series_bytes(files.samples, files.series_shape, TrainConfig(), s) for s in TRAINING_SPLITS}
-    assert sizes["train"] == 420 * 2 * 64 * 4 and sizes["val"] == 90 * 2 * 64 * 4
+    assert sizes["train"] == 420 * 2 * 64 * 4 and sizes["val"] == 45 * 2 * 64 * 4  # half of the 90: calib
     both = 8 * (sizes["train"] + sizes["val"])  # IN_MEMORY_SHARE is 1/8
     assert held_splits(TrainConfig(), files, store_bytes=both) == ("train", "val")
     assert held_splits(TrainConfig(), files, store_bytes=both - 8) == ("val",)
@@ -92,8 +92,13 @@ def test_a_stream_yields_every_training_sample_once_per_epoch_in_a_new_order(dat
         # each training sample exactly once (targets identify a sample), nothing else
         assert np.array_equal(y[np.lexsort(y.T[::-1])], expected[np.lexsort(expected.T[::-1])])
         epochs.append(y)
-    # shuffled: neither in sample_id order nor in last epoch's order
+    # shuffled: neither in sample_id order nor in last epoch's order, and not nearly so (a
+    # rank correlation with either near 0, as for a random permutation of 420 rows)
     assert not np.array_equal(epochs[0], expected) and not np.array_equal(epochs[0], epochs[1])
+    position = {row.tobytes(): i for i, row in enumerate(expected)}
+    ranks = [np.array([position[row.tobytes()] for row in epoch]) for epoch in epochs]
+    for a, b in ((ranks[0], np.arange(len(expected))), (ranks[0], ranks[1])):
+        assert abs(np.corrcoef(a, b)[0, 1]) < 0.3, np.corrcoef(a, b)[0, 1]
     # and the same order again from the same seeds (files in the shuffled order, not as their
     # reads finish; a seeded local shuffle): a streamed run repeats
     again = stream_split(data, "train", shuffle_seed=0)
@@ -131,7 +136,8 @@ def test_training_through_a_stream_sees_every_sample_each_epoch_and_learns_as_in
             assert [h["samples"] for h in run["history"]] == [420] * 8  # every training sample, every epoch
             # it learns: validation loss falls well below its first epoch's (~1: the mean's)
             assert run["best_val_loss"] < 0.92 * run["history"][0]["val_loss"], (mode, run["history"])
-            assert run["intervals"]["clean"]["all"] > 0.5  # calibrated either way
+            # calibrated either way: near 90% on 90 test series x 5 targets (not 1.0: not unbounded)
+            assert 0.8 <= run["intervals"]["clean"]["all"] <= 0.985, run["intervals"]
     # and as well either way: over three seeds (0.66-0.84 in memory, 0.69-0.87 streamed, seen)
     mean = {mode: np.mean([run["best_val_loss"] for run in runs]) for mode, runs in both_ways.items()}
     assert abs(mean["stream"] - mean["memory"]) < 0.1 * mean["memory"], mean

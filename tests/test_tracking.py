@@ -41,8 +41,38 @@ def mlflow_server(store: Path, port: int, log: Path) -> subprocess.Popen:
             time.sleep(0.3)
 
 
-@pytest.mark.slow
-def test_a_study_outlives_a_tracking_server_restart(smoke_data, tmp_path):
+def test_a_tracking_server_that_is_still_starting_is_waited_for(tmp_path, capsys):
+    """`ray up` returns while the head's `mlflow server` is still starting, and the README's
+    `ray job submit ... --tracking-uri` comes right after: raypd waits for it (one line), a
+    bounded time, instead of refusing it."""
+    from raypd.tune import check_tracking_uri
+
+    port = free_port()
+    cli = Path(sys.executable).with_name("mlflow")
+    command = [str(cli)] if cli.exists() else [sys.executable, "-m", "mlflow"]
+    server = subprocess.Popen([*command, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        check_tracking_uri(f"http://127.0.0.1:{port}")  # returns once it answers (seconds after it started)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("raypd.tune: no MLflow tracking server answers at"), lines
+        assert "waiting up to 120 s" in lines[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        stop_group(server)
+    os.environ["RAYPD_TRACKING_START_SECONDS"] = "1"  # and one that never comes is refused, after the wait
+    try:
+        with pytest.raises(ValueError, match="no MLflow tracking server answers there .*waited 1 s"):
+            check_tracking_uri(f"http://127.0.0.1:{port}")
+    finally:
+        del os.environ["RAYPD_TRACKING_START_SECONDS"]
+
+
+def tracked_study(smoke_data, tmp_path):
+    """A `mlflow server` of the test's own, and the smoke study's command (5 epochs a trial,
+    FIFO) tracked by it: (store, port, uri, server, root, args, env)."""
     store = tmp_path / "mlflow"
     store.mkdir()
     port = free_port()
@@ -50,17 +80,29 @@ def test_a_study_outlives_a_tracking_server_restart(smoke_data, tmp_path):
     server = mlflow_server(store, port, tmp_path / "server.log")
     root = tmp_path / "root"
     shutil.copytree(smoke_data, dataset_dir(load_config(SMOKE), root))
+    args = [sys.executable, "-m", "raypd.tune", "--study", "smoke", "--root", str(root), "--tracking-uri", uri,
+            "--set", "train.epochs=5", "--set", "search.scheduler=fifo"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    study = subprocess.Popen([sys.executable, "-m", "raypd.tune", "--study", "smoke", "--root", str(root),
-                              "--tracking-uri", uri, "--set", "train.epochs=5", "--set", "search.scheduler=fifo"],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    return store, port, uri, server, root, args, env
+
+
+def start_and_wait_for_a_checkpoint(args, env, root) -> subprocess.Popen:
+    study = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
+    trials = root / "tune" / "smoke" / "trials"
+    deadline = time.time() + 240
+    while not list(trials.glob("*/checkpoints/last/state.pt")):
+        assert study.poll() is None and time.time() < deadline, study.stderr.read()[-2000:]
+        time.sleep(0.05)
+    return study
+
+
+@pytest.mark.slow
+def test_a_study_outlives_a_tracking_server_restart(smoke_data, tmp_path):
+    store, port, uri, server, root, args, env = tracked_study(smoke_data, tmp_path)
+    study = None
     try:
-        trials = root / "tune" / "smoke" / "trials"
-        deadline = time.time() + 240
-        while not list(trials.glob("*/checkpoints/last/state.pt")):
-            assert study.poll() is None and time.time() < deadline, study.stderr.read()[-2000:]
-            time.sleep(0.05)
+        study = start_and_wait_for_a_checkpoint(args, env, root)
         stop_group(server)  # the tracking server goes away while the first trials run ...
         time.sleep(8)
         assert study.poll() is None  # ... and the study goes on
@@ -82,6 +124,95 @@ def test_a_study_outlives_a_tracking_server_restart(smoke_data, tmp_path):
         versions = client.search_model_versions("name = 'raypd-smoke'")
         assert len(versions) == 1 and versions[0].tags["trial_id"] == summary["best_trial_id"]
     finally:
-        if study.poll() is None:
+        if study is not None and study.poll() is None:
+            os.killpg(study.pid, signal.SIGKILL)
+        stop_group(server)
+
+
+def test_results_wait_on_disk_for_a_black_holed_server_and_the_next_run_sends_them(tmp_path, monkeypatch):
+    """A tracking server that takes connections and never answers must not hold the study up
+    (Tune's callbacks only queue); what it did not take is in the study's outbox file, which a
+    later process (after a crash: nothing of the first is left in memory) sends, each epoch once."""
+    import socket as sockets
+
+    from ray.tune.experiment import Trial
+
+    from raypd import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    hole = sockets.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # the kernel completes connections; nothing ever answers
+    outbox = tmp_path / "study" / tracking.OUTBOX_FILE
+    outbox.parent.mkdir()
+    tags = {"study": "bh", "study_instance": "i1"}
+    try:
+        callback = tracking.mlflow_callback(f"http://127.0.0.1:{hole.getsockname()[1]}", "bh", tags, outbox)
+        started = time.monotonic()
+        trials = [Trial("raypd_trial", config={"train.lr": lr}, trial_id=f"t{k}", stub=True)
+                  for k, lr in enumerate((0.01, 0.002))]
+        for trial in trials:
+            callback.log_trial_start(trial)
+            for epoch in range(1, 6):
+                callback.log_trial_result(epoch, trial, {"epoch": epoch, "val_loss": 1.0 / epoch,
+                                                         "training_iteration": epoch})
+            callback.log_trial_end(trial)
+        assert time.monotonic() - started < 2.0  # 14 results queued, none waited for an answer
+        assert len(tracking.read_outbox(outbox)) == 14
+        callback.queue.close()  # the process ends (a crash, a SIGKILL): only the file is left
+        tracking._senders.clear()
+    finally:
+        hole.close()
+
+    port = free_port()
+    server = mlflow_server(tmp_path, port, tmp_path / "server.log")
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        queue = tracking.sender(uri, "raypd-bh", "i1", outbox)
+        assert queue.flush(60) == 0 and not outbox.exists()
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("raypd-bh").experiment_id])
+        assert sorted(r.data.tags["trial_id"] for r in runs) == ["t0", "t1"]
+        for run in runs:
+            assert run.info.status == "FINISHED" and run.data.tags["study_instance"] == "i1"
+            history = client.get_metric_history(run.info.run_id, "val_loss")
+            assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    finally:
+        queue.close()
+        tracking._senders.clear()
+        stop_group(server)
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_outage_ends_in_seconds_and_the_same_command_sends_what_waited(smoke_data, tmp_path):
+    store, port, uri, server, root, args, env = tracked_study(smoke_data, tmp_path)
+    study = None
+    try:
+        study = start_and_wait_for_a_checkpoint(args, env, root)
+        stop_group(server)  # the tracking server goes away ...
+        time.sleep(6)  # ... results pile up in the outbox ...
+        stopped = time.time()
+        os.kill(study.pid, signal.SIGTERM)  # ... and a process manager stops the study (30 s grace)
+        _, stderr = study.communicate(timeout=60)
+        assert time.time() - stopped < 30 and study.returncode == 143, stderr[-3000:]
+        assert (root / "tune" / "smoke" / "mlflow_outbox.jsonl").exists()
+
+        server = mlflow_server(store, port, tmp_path / "server.log")
+        again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert not (root / "tune" / "smoke" / "mlflow_outbox.jsonl").exists()
+        summary = json.loads((root / "tune" / "smoke" / "summary.json").read_text())
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("raypd-smoke").experiment_id])
+        assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t["trial_id"] for t in summary["trials"])
+        for run in runs:  # every epoch once, at its own step, the run ended
+            assert run.info.status == "FINISHED"
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
+            assert steps == list(range(1, 6)), (run.data.tags["trial_id"], steps)
+        versions = client.search_model_versions("name = 'raypd-smoke'")
+        assert len(versions) == 1 and versions[0].tags["trial_id"] == summary["best_trial_id"]
+    finally:
+        if study is not None and study.poll() is None:
             os.killpg(study.pid, signal.SIGKILL)
         stop_group(server)

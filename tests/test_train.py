@@ -54,6 +54,12 @@ def test_train_local_mode_writes_metrics_and_predictions(data_dir, tmp_path):
     assert np.mean((y_true - y_pred) ** 2) == pytest.approx(written["mse"])
     assert (y_pred[:, 1] == 0).all()  # mu is constant in this data: predicted as such
     assert (tmp_path / "run" / "checkpoints" / "best" / "state.pt").exists()
+    # the intervals are calibrated on the calibration split (9 of the 18 validation samples),
+    # not on the 9 that chose the best epoch
+    from raypd.serve import SavedModel
+
+    assert SavedModel.load(tmp_path / "run" / "checkpoints" / "best").calibration["n_calibration"] == 9
+    assert [h["samples"] for h in written["history"]] == [84, 84]  # 70% of 120 trained on
 
 
 def test_an_interrupted_run_continues_from_its_last_epoch(data_dir, tmp_path):
@@ -62,6 +68,18 @@ def test_an_interrupted_run_continues_from_its_last_epoch(data_dir, tmp_path):
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
     assert second["history"][:2] == first["history"]  # the first two epochs were not re-run
     assert read_state(tmp_path / "run" / "checkpoints" / "last")["epoch"] == 4
+
+
+def test_a_run_killed_between_the_two_renames_of_a_checkpoint_continues_from_it(data_dir, tmp_path):
+    """save_checkpoint moves the old `last` away, then the new one into place: killed between
+    the two, the new one is complete in `.last.tmp` and `last` is missing. The run continues
+    from it; it does not start again from epoch 0."""
+    first = train_and_evaluate(tiny(epochs=2, patience=50), tmp_path / "run", data_dir)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "last").rename(checkpoints / ".last.tmp")
+    second = train_and_evaluate(tiny(epochs=3, patience=50), tmp_path / "run", data_dir)
+    assert second["history"][:2] == first["history"]  # not re-run (their epoch_seconds would differ)
+    assert read_state(checkpoints / "last")["epoch"] == 3 and not (checkpoints / ".last.tmp").exists()
 
 
 def test_a_run_of_another_model_is_not_continued(data_dir, tmp_path):
@@ -198,9 +216,10 @@ def test_ray_train_worker_groups(data_dir, tmp_path, workers):
 
 
 def test_a_test_split_of_one_sample_has_no_r2_and_the_command_says_so(data_dir, tmp_path):
-    # 120 samples split 118/1/1: no target varies over one test sample
+    # 120 samples split 117/2/1 (the 2 validation samples: 1 for selection, 1 to calibrate):
+    # no target varies over one test sample
     result = run_cli("raypd.train", "--config", "tune_configs/smoke.yaml", "--data", str(data_dir),
-                     "--out", str(tmp_path / "run"), "--set", "train.split=[0.98,0.01,0.01]",
+                     "--out", str(tmp_path / "run"), "--set", "train.split=[0.975,0.0167,0.0083]",
                      "--set", "train.epochs=1", "--set", "model.filters=[4]", "--set", "model.kernel_sizes=[3]",
                      timeout=300)
     assert result.returncode == 0, result.stderr

@@ -49,8 +49,8 @@ def test_smoke_study_end_to_end(smoke):
 
 def test_the_optuna_study_is_kept_in_the_study_folder_for_optunas_own_tools(smoke):
     """optuna-dashboard and optuna.load_study read ROOT/tune/NAME/optuna.db: every trial is
-    there, complete, with the value Tune reported last (its last val_loss), and the notebook's
-    plots draw from it."""
+    there, complete, with its best val_loss (the value summary.json gives it, also for the
+    trials ASHA stopped), and the notebook's plots draw from it."""
     import optuna
     import optuna.visualization.matplotlib as plots
 
@@ -58,10 +58,10 @@ def test_the_optuna_study_is_kept_in_the_study_folder_for_optunas_own_tools(smok
     study = optuna.load_study(study_name="raypd-smoke", storage=f"sqlite:///{root / 'tune' / 'smoke' / 'optuna.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == summary["num_trials"] == 4
-    assert sorted(t.value for t in complete) == pytest.approx(sorted(t["last_val_loss"] for t in summary["trials"]))
+    assert sorted(t.value for t in complete) == pytest.approx(sorted(t["val_loss"] for t in summary["trials"]))
     assert sorted(t.params["train.lr"] for t in complete) == pytest.approx(
         sorted(t["config"]["train.lr"] for t in summary["trials"]))
-    assert study.best_value == pytest.approx(min(t["last_val_loss"] for t in summary["trials"]))
+    assert study.best_value == pytest.approx(summary["best_val_loss"])
     assert plots.plot_parallel_coordinate(study) is not None and plots.plot_slice(study) is not None
 
 
@@ -188,8 +188,14 @@ def test_killed_study_resumes_without_rerunning_or_doubling(tmp_path):
     for trial_id, history in before.items():  # epochs done before the kill were kept, not re-run
         after = read_state(trials / trial_id / "checkpoints" / "last")["history"]
         assert after[: len(history)] == history
-    _, runs = runs_of(tmp_path, "smoke")
+    client, runs = runs_of(tmp_path, "smoke")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t["trial_id"] for t in summary["trials"])
+    for run in runs:  # every epoch exactly once, at its own step, also in the trials that resumed
+        for key in ("epoch", "val_loss"):
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            assert [m.step for m in history] == list(range(1, 7)), (run.data.tags["trial_id"], key)
+        assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch"),
+                                        key=lambda m: m.step)] == list(range(1, 7))
 
 
 def test_missing_study_and_print_config(tmp_path):
@@ -236,3 +242,19 @@ def test_a_diverging_trial_is_an_error_and_the_study_goes_on(ray_local, tmp_path
     status = {r.data.tags["trial_id"]: r.info.status for r in runs}
     assert {status[t["trial_id"]] for t in errored} == {"FAILED"}
     assert {status[t["trial_id"]] for t in fine} == {"FINISHED"}
+
+
+def test_two_studies_of_one_name_under_two_roots_keep_each_others_runs(ray_local, tmp_path):
+    """A tracking server shared by two ROOTs (a cluster head's; here one sqlite store): the
+    second study's end removes only its own leftovers, never the first study's runs."""
+    small = ["search.num_samples=2", "train.epochs=1", "search.scheduler=fifo"]
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = run_study(load_config(SMOKE, small), "smoke", tmp_path / "a", tracking_uri=uri)
+    second = run_study(load_config(SMOKE, small), "smoke", tmp_path / "b", tracking_uri=uri)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("raypd-smoke").experiment_id])
+    trial_ids = sorted(t["trial_id"] for s in (first, second) for t in s["trials"])
+    assert sorted(r.data.tags["trial_id"] for r in runs) == trial_ids  # all four, none deleted
+    instances = {json.loads((tmp_path / r / "tune" / "smoke" / "instance.json").read_text())["study_instance"]
+                 for r in ("a", "b")}
+    assert {r.data.tags["study_instance"] for r in runs} == instances and len(instances) == 2
