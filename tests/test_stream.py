@@ -160,6 +160,30 @@ def test_a_worker_group_streams_an_equal_share_of_every_epoch_to_each_worker(dat
     assert all(np.isfinite(h["val_loss"]) for h in run["history"]) and np.isfinite(run["mse"])
 
 
+def test_the_shares_of_a_worker_group_are_disjoint_and_complete(data_dir):
+    """What get_dataset_shard hands each of 2 workers (Ray Train's streaming_split of the
+    stream, equal shares): together every training sample once an epoch, none twice."""
+    import threading
+
+    data = prepare(data_dir, TrainConfig(input_norm="sample+scale"), held=())
+    shards = stream_split(data, "train", shuffle_seed=0).streaming_split(2, equal=True)
+    seen = [None, None]
+
+    def consume(rank):  # the shards of a streaming_split are read at the same time, as workers do
+        seen[rank] = np.concatenate([y.numpy() for _, y in stream_batches(shards[rank], 16, data.input_norm)])
+
+    for _ in range(2):  # two epochs
+        readers = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=120)
+        assert [len(s) for s in seen] == [210, 210]
+        both = np.concatenate(seen)
+        expected = data.targets["train"]
+        assert np.array_equal(both[np.lexsort(both.T[::-1])], expected[np.lexsort(expected.T[::-1])])
+
+
 def test_the_in_memory_path_holds_train_and_val_only(data_dir):
     data = prepare(data_dir, TrainConfig())
     assert sorted(data.series) == ["train", "val"]

@@ -184,6 +184,32 @@ def test_results_wait_on_disk_for_a_black_holed_server_and_the_next_run_sends_th
         stop_group(server)
 
 
+def test_a_study_whose_tracking_server_never_answers_ends_in_one_line_and_keeps_its_results(tmp_path,
+                                                                                               monkeypatch):
+    """The give-up path: the trials are done, the server has not answered for the wait
+    (RAYPD_TRACKING_WAIT_SECONDS), the study ends with a ValueError (exit 2, one line) and
+    the results stay in the outbox for the next run."""
+    from raypd import tracking
+    from raypd.tune import send_outbox
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("RAYPD_TRACKING_WAIT_SECONDS", "2")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing there
+    outbox = tmp_path / tracking.OUTBOX_FILE
+    queue = tracking.sender(uri, "raypd-gone", "i2", outbox)
+    try:
+        queue.put(["end", "t0", "FINISHED"])
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=r"has not answered for 2 s: 1 results of study gone wait in"):
+            send_outbox(uri, "gone", "i2", tmp_path)
+        assert time.monotonic() - started < 10
+        assert tracking.read_outbox(outbox) == [["end", "t0", "FINISHED"]]
+    finally:
+        queue.close()
+        tracking._senders.clear()
+
+
 @pytest.mark.slow
 def test_sigterm_during_an_outage_ends_in_seconds_and_the_same_command_sends_what_waited(smoke_data, tmp_path):
     store, port, uri, server, root, args, env = tracked_study(smoke_data, tmp_path)
