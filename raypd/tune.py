@@ -221,7 +221,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
                     register_best(name, summary, uri, study_dir, quiet=True)
             return summary
 
-    created = not study_dir.exists()
+    created = [d for d in (root, root / "tune", study_dir) if not d.exists()]
     study_dir.mkdir(parents=True, exist_ok=True)
     try:
         # one writer per study, also across the nodes that share ROOT (raypd.lock): taken
@@ -231,8 +231,9 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
                 return read_json(study_dir / SUMMARY_FILE)
             return _run_locked(config, name, root, study_dir, resolved, tracking_uri, address)
     except BaseException:
-        if created and study_dir.is_dir() and not any(study_dir.iterdir()):
-            study_dir.rmdir()  # refused before anything was written: nothing left behind
+        for folder in reversed(created):  # refused before anything was written: nothing left behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
 
 
