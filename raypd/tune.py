@@ -277,13 +277,13 @@ def _run_locked(config: Config, name: str, root: Path, study_dir: Path, resolved
         if client.get_experiment_by_name(f"raypd-{name}") is None:
             client.create_experiment(f"raypd-{name}", artifact_location=(root / "mlartifacts").as_uri())
     trainable = tune.with_resources(make_trial(config, data_ref, study_dir, plan.use_gpu), plan.resources)
-    # A trial that fails (a lost node, a killed worker) is retried, continuing from its
-    # checkpoints in study_dir/trials/<id>.
     # Tune's CSV and JSON result files, not its TensorBoard files (TensorBoard is not
     # installed with raypd; MLflow shows the curves)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    # A trial that fails (a lost node, a killed worker) is retried, continuing from its
+    # checkpoints in study_dir/trials/<id>.
     run_config = tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
                                 callbacks=[mlflow_callback(tracking_uri, name, tags, study_dir / OUTBOX_FILE),
