@@ -59,18 +59,19 @@ def add_noise(series: np.ndarray, level: float, rng: np.random.Generator) -> np.
 
 
 def conformal_quantiles(scores: np.ndarray) -> list[list[float]]:
-    """(len(LEVEL_GRID), q) split-conformal quantiles of scores (N, q): for level L the
-    ceil((N+1) L)-th smallest score; beyond N (too few series for that level) the largest, and
-    +inf (unbounded) where there is no score at all."""
-    scores = np.sort(np.asarray(scores, dtype=np.float64), axis=0)
-    count = scores.shape[0]
+    """(len(LEVEL_GRID), q) split-conformal quantiles of scores (N, q), per target over its
+    scores that are not NaN (N_j of them): for level L the ceil((N_j+1) L)-th smallest score;
+    beyond N_j (too few series for that level) the largest, and +inf (unbounded) where there is
+    no score at all."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64), axis=0)  # NaN last
+    counts = (~np.isnan(scores)).sum(axis=0)
     out = []
     for level in LEVEL_GRID:
-        if count == 0:
-            out.append([math.inf] * scores.shape[1])
-            continue
-        k = min(count, math.ceil((count + 1) * level))
-        out.append([float(v) for v in scores[k - 1]])
+        row = []
+        for j, count in enumerate(counts):
+            k = min(int(count), math.ceil((count + 1) * level))
+            row.append(float(scores[k - 1, j]) if count else math.inf)
+        out.append(row)
     return out
 
 

@@ -415,8 +415,10 @@ def calibrate_refined(predict, series: np.ndarray, targets: np.ndarray, problem:
                       address: str | None = None, progress: bool = True) -> dict:
     """Calibration of the refined intervals (raypd.intervals, studentized split conformal):
     held-out raw series (N, 2n, T), clean and with each calibrated noise level, are refined
-    from `predict`'s estimates; the scores |y - y_fit| / se of the identified ones set each
-    noise level's quantiles. Also records the identified share per noise level."""
+    from `predict`'s estimates; the scores |y - y_fit| / se of every target a fit determined
+    (every target of an identified series; the determined ones of a series fitted with a
+    rank-deficient Jacobian, whose intervals are made the same way) set each noise level's
+    quantiles, per target. Also records the identified share per noise level."""
     from raypd.intervals import CALIBRATION_FORMAT, LEVEL_GRID, NOISE_LEVELS, add_noise, conformal_quantiles
 
     rng = np.random.default_rng(seed)
@@ -428,9 +430,12 @@ def calibrate_refined(predict, series: np.ndarray, targets: np.ndarray, problem:
     quantiles, fallback, identified = [], [], []
     for k, rows in enumerate(np.array_split(np.arange(len(noisy)), len(NOISE_LEVELS))):
         ok = out["identified"][rows]
-        se, err = out["se"][rows][ok], np.abs(out["estimate"][rows][ok] - truth[rows][ok])
-        scores = np.where(se > 0, err / np.where(se > 0, se, 1.0), 0.0)  # a fixed target: 0 / 0
-        quantiles.append(conformal_quantiles(scores))
+        se, err = out["se"][rows], np.abs(out["estimate"][rows] - truth[rows])
+        with np.errstate(invalid="ignore"):
+            scores = np.where(se > 0, err / np.where(se > 0, se, 1.0), 0.0)  # a fixed target: 0 / 0
+        # the targets a fit determined, identified series or not: what refine_with_intervals
+        # gives a Gauss-Newton interval (a score NaN where the fit did not determine the target)
+        quantiles.append(conformal_quantiles(np.where(out["determined"][rows], scores, np.nan)))
         # The series refinement could not identify are the hard ones, where the model errs
         # more than on average: their model-only intervals are calibrated on their own kind.
         missed = np.abs(estimates[rows][~ok] - truth[rows][~ok])

@@ -203,6 +203,12 @@ def test_conformal_quantiles_are_order_statistics():
     for bad in (0, 1, 1.5, -0.1, "x", None, float("nan")):
         with pytest.raises(ValueError, match="interval level must be a number in"):
             check_level(bad)
+    with pytest.raises(ValueError, match="above the highest calibrated level, 0.999"):
+        check_level(0.9995)  # refused, not served as 0.999
+    # per target, over that target's scores: NaN where a fit did not determine it
+    mixed = np.column_stack([np.arange(1.0, 20.0), np.r_[np.arange(1.0, 10.0), [np.nan] * 10], [np.nan] * 19])
+    at = conformal_quantiles(mixed)[LEVEL_GRID.index(0.9)]
+    assert at == [18.0, 9.0, float("inf")]  # 9 scores: ceil(10 * 0.9) = 9th; none: unbounded
 
 
 def test_model_only_intervals_hold_their_coverage_on_held_out_series():
