@@ -10,7 +10,7 @@ Observation noise changes both the model's errors and the fit's: a noise-free se
 to the solver's precision, a noisy one to its noise. So calibration is Mondrian by noise: the
 held-out series are scored clean and with Gaussian noise of NOISE_LEVELS (relative to each
 channel's std), and a series takes the quantiles of the level nearest its own estimated noise
-(raypd.refine.noise_level). Quantiles are kept on LEVEL_GRID; a level between grid points
+(noise_level). Quantiles are kept on LEVEL_GRID; a level between grid points
 takes the next one up (never narrower than asked).
 """
 
@@ -75,6 +75,25 @@ def conformal_quantiles(scores: np.ndarray) -> list[list[float]]:
     return out
 
 
+def noise_level(series: np.ndarray) -> np.ndarray:
+    """Estimated observation noise of series (..., 2n, T), relative to each channel's std, as
+    one RMS number per series: a robust (median absolute deviation) estimate from second
+    differences, which a smooth trajectory makes small and white noise makes 6 sigma^2 in
+    variance. A clean series gives ~0 (its settled stretches dominate the median)."""
+    series = np.asarray(series, dtype=np.float64)
+    second = np.diff(series, n=2, axis=-1)
+    mad = np.median(np.abs(second - np.median(second, axis=-1, keepdims=True)), axis=-1)
+    sigma = 1.4826 * mad / np.sqrt(6.0)
+    return np.sqrt(np.mean((sigma / channel_scale(series)) ** 2, axis=-1))
+
+
+def channel_scale(series: np.ndarray) -> np.ndarray:
+    """What a channel's residual is divided by: its std, floored at 1e-3 of the series' largest
+    channel std (a channel that stays at 0 still counts, without dominating)."""
+    std = np.asarray(series, dtype=np.float64).std(axis=-1)
+    return np.maximum(std, np.maximum(1e-3 * std.max(axis=-1, keepdims=True), 1e-12))
+
+
 def nearest_bin(noise: np.ndarray, noise_levels) -> np.ndarray:
     """For each estimated noise level, the position of the nearest calibrated one."""
     levels = np.asarray(noise_levels, dtype=np.float64)
@@ -112,8 +131,6 @@ def calibrate_model(predict, series: np.ndarray, targets: np.ndarray, seed: int 
 
 def model_intervals(calibration: dict, series: np.ndarray, estimate: np.ndarray, level: float = DEFAULT_LEVEL):
     """(lower, upper) (N, q) model-only intervals for raw series and the model's estimates."""
-    from raypd.refine import noise_level
-
     width = half_widths(calibration, noise_level(series), level)
     return estimate - width, estimate + width
 

@@ -311,8 +311,7 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
             y_pred, lower, upper = model.predict_with_intervals(series, level)
         result["series"] += len(ids)
         if model.calibration is not None:
-            from raypd.intervals import beyond_calibration
-            from raypd.refine import noise_level
+            from raypd.intervals import beyond_calibration, noise_level
 
             result["noisier"] += int(beyond_calibration(noise_level(series), model.calibration).sum())
         lists = split("pred", y_pred)

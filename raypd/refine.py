@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raypd import ode
+from raypd.intervals import channel_scale, noise_level  # noqa: F401 (noise_level: raypd.refine.noise_level too)
 
 IDENTIFIED_RESIDUAL = 1e-4  # relative RMS residual that counts as an exact fit of a clean series
 NOISE_FACTOR = 1.3  # a noisy series is explained when its residual is within this of its noise
@@ -92,25 +93,6 @@ class FitProblem:
         hi[n_p:] += widen
         return cls(n=n, times=np.asarray(data.times() if times is None else times, dtype=np.float64),
                    lower=lo, upper=hi, free=free, rtol=data.rtol, atol=data.atol)
-
-
-def noise_level(series: np.ndarray) -> np.ndarray:
-    """Estimated observation noise of series (..., 2n, T), relative to each channel's std, as
-    one RMS number per series: a robust (median absolute deviation) estimate from second
-    differences, which a smooth trajectory makes small and white noise makes 6 sigma^2 in
-    variance. A clean series gives ~0 (its settled stretches dominate the median)."""
-    series = np.asarray(series, dtype=np.float64)
-    second = np.diff(series, n=2, axis=-1)
-    mad = np.median(np.abs(second - np.median(second, axis=-1, keepdims=True)), axis=-1)
-    sigma = 1.4826 * mad / np.sqrt(6.0)
-    return np.sqrt(np.mean((sigma / channel_scale(series)) ** 2, axis=-1))
-
-
-def channel_scale(series: np.ndarray) -> np.ndarray:
-    """What a channel's residual is divided by: its std, floored at 1e-3 of the series' largest
-    channel std (a channel that stays at 0 still counts, without dominating)."""
-    std = np.asarray(series, dtype=np.float64).std(axis=-1)
-    return np.maximum(std, np.maximum(1e-3 * std.max(axis=-1, keepdims=True), 1e-12))
 
 
 @dataclass
