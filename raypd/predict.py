@@ -218,8 +218,9 @@ def refined_calibration(study_dir: Path, model: SavedModel, problem, address: st
                 return found["calibration"]
         return None
 
-    if saved() is not None:
-        return saved()
+    found = saved()
+    if found is not None:
+        return found
     if locked:
         return _calibrate_refined(study_dir, model, problem, address, progress, prog, digest)
     with hold(study_dir / LOCK_FILE, f"study {study_dir.name} in {study_dir}"):
