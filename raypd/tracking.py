@@ -76,7 +76,7 @@ class Sender:
     def __init__(self, tracking_uri: str, experiment: str, instance: str | None, outbox: Path):
         self.tracking_uri, self.experiment, self.instance, self.outbox = tracking_uri, experiment, instance, outbox
         self.runs: dict[str, str] = {}  # trial_id -> run_id
-        self.logged: dict[str, int] = {}  # trial_id -> the last step (epoch) its run holds
+        self.logged: dict[str, set] = {}  # trial_id -> the steps (epochs) its run holds
         self.experiment_id: str | None = None
         self.down_since: float | None = None
         self.lock = threading.Lock()
@@ -164,8 +164,7 @@ class Sender:
             if not found:
                 return None
             self.runs[trial_id] = found[0].info.run_id
-            self.logged[trial_id] = max((m.step for m in client.get_metric_history(self.runs[trial_id], "epoch")),
-                                        default=0)
+            self.logged[trial_id] = {m.step for m in client.get_metric_history(self.runs[trial_id], "epoch")}
         return self.runs[trial_id]
 
     def _apply(self, kind: str, trial_id: str, *payload) -> None:
@@ -181,7 +180,7 @@ class Sender:
             if run_id is None:
                 run_id = client.create_run(self.experiment_id, run_name=name,
                                            tags={**tags, "trial_name": name, "trial_id": trial_id}).info.run_id
-                self.runs[trial_id], self.logged[trial_id] = run_id, 0
+                self.runs[trial_id], self.logged[trial_id] = run_id, set()
             client.update_run(run_id, status="RUNNING")
             client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         elif run_id is None:  # results of a trial whose start never reached MLflow: nothing to add them to
@@ -189,10 +188,18 @@ class Sender:
         elif kind == "metrics":
             metrics = [Metric(*m) for m in payload[0]]
             step = metrics[0].step if metrics else 0
-            if step <= self.logged.get(trial_id, 0):  # every epoch once, also across resumes and replays
+            if step in self.logged.setdefault(trial_id, set()):  # every epoch once, also across resumes and replays
                 return
             client.log_batch(run_id, metrics=metrics)
-            self.logged[trial_id] = step
+            self.logged[trial_id].add(step)
+        elif kind == "history":  # the epochs a checkpoint holds and the run lacks
+            held = self.logged.setdefault(trial_id, set())
+            missing = [epoch for epoch in payload[0] if int(epoch["epoch"]) not in held]
+            for start in range(0, len(missing), 100):  # MLflow takes up to 1,000 metrics per batch
+                client.log_batch(run_id, metrics=[Metric(key, float(value), payload[1], int(epoch["epoch"]))
+                                                  for epoch in missing[start:start + 100]
+                                                  for key, value in epoch.items()])
+            held.update(int(epoch["epoch"]) for epoch in missing)
         else:
             client.set_terminated(run_id, status=payload[0])
 

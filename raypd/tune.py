@@ -307,18 +307,34 @@ def _run_locked(config: Config, name: str, root: Path, study_dir: Path, resolved
         raise KeyboardInterrupt  # MLflow has not taken yet stays in the outbox file, for the next run)
     send_outbox(tracking_uri, name, instance, study_dir)
     summary = summarise(config, name, results, prepared, study_dir)
+    # an epoch checkpointed just before a kill may never have reached Tune (its result was
+    # lost with the process) while the resumed trial goes on after it: its checkpoint holds it
+    send_outbox(tracking_uri, name, instance, study_dir, histories(summary))
     finish_mlflow(tracking_uri, name, summary, instance)
     write_json(study_dir / SUMMARY_FILE, summary)
     register_best(name, summary, tracking_uri, study_dir)
     return summary
 
 
-def send_outbox(tracking_uri: str, name: str, instance: str | None, study_dir: Path) -> None:
+def histories(summary: dict) -> dict:
+    """Each trial's epochs as its last checkpoint holds them."""
+    from raypd.train import read_state
+
+    return {t["trial_id"]: read_state(Path(t["path"]) / "checkpoints" / "last")["history"]
+            for t in summary["trials"] if t["epochs"]}
+
+
+def send_outbox(tracking_uri: str, name: str, instance: str | None, study_dir: Path,
+                trial_histories: dict | None = None) -> None:
     """Wait (up to TRACKING_WAIT_SECONDS) until MLflow holds every result of the study's outbox
-    (raypd.tracking); a ValueError if the tracking server never answers (the outbox stays)."""
+    (raypd.tracking), and every epoch of `trial_histories` (trial_id -> its epochs' metrics) its
+    run lacks; a ValueError if the tracking server never answers (the outbox stays)."""
     from raypd import tracking
 
     queue = tracking.sender(tracking_uri, f"raypd-{name}", instance, study_dir / OUTBOX_FILE)
+    now = int(time.time() * 1000)
+    for trial_id, history in (trial_histories or {}).items():
+        queue.put(["history", trial_id, history, now])
     if not queue.pending():
         return
     wait = float(os.environ.get("RAYPD_TRACKING_WAIT_SECONDS", TRACKING_WAIT_SECONDS))

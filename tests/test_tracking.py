@@ -242,3 +242,35 @@ def test_sigterm_during_an_outage_ends_in_seconds_and_the_same_command_sends_wha
         if study is not None and study.poll() is None:
             os.killpg(study.pid, signal.SIGKILL)
         stop_group(server)
+
+
+def test_an_epoch_checkpointed_but_lost_before_tune_saw_it_reaches_mlflow_from_the_checkpoint(tmp_path):
+    """A trial killed between saving epoch 5's checkpoint and reporting it resumes at epoch 6:
+    Tune never sees epoch 5. At the study's end its checkpoint history fills the gap, every
+    epoch once (CI caught the gap: [1, 2, 3, 4, 6])."""
+    from ray.tune.experiment import Trial
+
+    from raypd import tracking
+    from raypd.tune import send_outbox
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    callback = tracking.mlflow_callback(uri, "gap", {"study_instance": "i1"}, study_dir / tracking.OUTBOX_FILE)
+    history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 1.0 / e, "best_val_loss": 1.0 / e} for e in range(1, 7)]
+    trial = Trial("raypd_trial", config={"train.lr": 0.01}, trial_id="t0", stub=True)
+    try:
+        callback.log_trial_start(trial)
+        for h in history[:4] + history[5:]:
+            callback.log_trial_result(h["epoch"], trial, {**h, "training_iteration": h["epoch"]})
+        callback.log_trial_end(trial)
+        send_outbox(uri, "gap", "i1", study_dir, {"t0": history})
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("raypd-gap").experiment_id])
+        for key in ("epoch", "val_loss", "train_loss"):
+            got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            assert got == [(h["epoch"], float(h[key])) for h in history], key
+        assert not (study_dir / tracking.OUTBOX_FILE).exists()
+    finally:
+        callback.queue.close()
+        tracking._senders.clear()
