@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 from raypd.config import load_config  # noqa: E402
 from raypd.dataset import load_dataset, prepare  # noqa: E402
 from raypd.model import CNN1D  # noqa: E402
-from raypd.train import dataset_dir, make_train_step  # noqa: E402
+from raypd.config import dataset_dir  # noqa: E402
+from raypd.train import make_train_step  # noqa: E402
 
 FILTERS = str(REPO / "tune_configs" / "filters.yaml")
 BEST = ["model.filters=[64,128]", "model.kernel_sizes=[3,3]", "model.hidden=[128]"]

@@ -318,3 +318,10 @@ def check_shared(folder) -> None:
         raise ValueError(f"{folder} is not shared storage: nodes {', '.join(blind)} do not see it; on a "
                          "multi-node cluster put --root/--out on a filesystem every node mounts at the "
                          "same path (NFS/EFS, /mnt/raypd in cluster.yaml)")
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "samples"):
+    """The progress bar of every stage: tqdm on stderr (off: `enabled` False)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr)

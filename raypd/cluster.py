@@ -122,3 +122,21 @@ def cluster_capacity() -> Capacity:
         if types and all(t.resources for t in types):
             return Capacity(types, f"the autoscaler's node types ({path})")
     return Capacity(_from_live_nodes(), "the cluster's live nodes")
+
+
+def cluster_cpus() -> float:
+    """CPUs of the connected cluster, or what its autoscaler can grow it to."""
+    import ray
+
+    return cluster_capacity().total("CPU") or ray.cluster_resources().get("CPU", 1) or 1
+
+
+def use_gpu(config, capacity: Capacity | None = None) -> bool:
+    """Whether training uses GPUs: train.use_gpu of `config` (a raypd.config.Config), or (when
+    unset) whether the cluster has GPUs or can grow them: an autoscaling cluster's GPU nodes
+    start only when something asks for a GPU. capacity: default, the connected cluster's."""
+    if config.train.use_gpu is not None:
+        return config.train.use_gpu
+    if capacity is None:
+        capacity = cluster_capacity()
+    return capacity.total("GPU") > 0

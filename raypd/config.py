@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -280,6 +281,11 @@ class Config:
         self.search.validate()
         check_split(self.data.samples, self.train.split, "data.samples", self.train.calibration)
         return self
+
+
+def dataset_dir(config: Config, root: Path) -> Path:
+    """Where a study or a training run under ROOT keeps its dataset: ROOT/data/<dataset_name>."""
+    return root / "data" / config.data.dataset_name()
 
 
 def split_sizes(samples: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:

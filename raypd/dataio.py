@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return read_json(path)
 
 
+def write_json(path: Path, payload: dict) -> None:
+    """A JSON object written whole or not at all (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
+
+
 def read_json(path: Path, hint: str = "") -> dict:
     """A JSON object from `path`; missing, unreadable or not an object is a ValueError naming
     the file (hint: what to do about it)."""
@@ -52,6 +59,15 @@ def read_json(path: Path, hint: str = "") -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object (got {type(value).__name__}){hint}")
     return value
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, as "sha256:<hex>"."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def row_digests(columns: dict[str, np.ndarray]) -> bytes:
@@ -97,43 +113,51 @@ def naming(path):
         raise
 
 
-def write_table_atomic(table, path: Path) -> None:
-    """Write a Parquet file whole or not at all (temporary file, then rename)."""
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+@contextmanager
+def atomic_file(path):
+    """Write `path` whole or not at all, the one way raypd replaces a file: the block writes
+    the temporary path this yields (beside `path`, this writer's own); when the block ends it
+    is renamed over `path` (when the block wrote nothing, nothing is), and when it raises (a
+    full disk, Ctrl-C, bad input) it is removed. An OSError names `path` (naming)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         with naming(path):
-            pq.write_table(table, tmp, compression="zstd")  # smaller and faster than snappy here
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk: leave nothing half-written
+            yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
+    if tmp.exists():
+        os.replace(tmp, path)
+
+
+def write_table_atomic(table, path: Path) -> None:
+    """Write a Parquet file whole or not at all."""
+    import pyarrow.parquet as pq
+
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")  # smaller and faster than snappy here
 
 
 def write_tables_atomic(tables, path: Path) -> None:
     """Write Parquet tables of one schema (an iterable: one in memory at a time) as one file,
-    whole or not at all; no table leaves an empty file."""
+    whole or not at all; no table leaves no file."""
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    writer = None
-    try:
-        with naming(path):
+    with atomic_file(path) as tmp:
+        writer = None
+        try:
             for table in tables:
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
                 writer.write_table(table)
+        except BaseException:
             if writer is not None:
-                writer.close()
-    except BaseException:
+                with contextlib.suppress(Exception):
+                    writer.close()
+            raise
         if writer is not None:
-            with contextlib.suppress(Exception):
-                writer.close()
-        tmp.unlink(missing_ok=True)  # a full disk, Ctrl-C: leave nothing half-written
-        raise
-    if writer is not None:
-        os.replace(tmp, path)
+            writer.close()
 
 
 def to_table(columns: dict[str, np.ndarray]):

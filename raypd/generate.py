@@ -18,14 +18,14 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from raypd import __version__, ode
-from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
+from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, progress_bar, run_main
+from raypd.cluster import cluster_cpus
 from raypd.config import RANGE_FIELDS, DataConfig, from_dict, to_dict
 from raypd.lock import hold
 from raypd.dataio import (MANIFEST, content_hash, manifest_path, naming, read_manifest, row_digests, to_table,
@@ -49,15 +49,6 @@ def default_block_size(samples: int, cpus: float = 2) -> int:
     blocks = max(BLOCKS_PER_CPU * cpus, -(-samples // MAX_BLOCK_SIZE))
     blocks = -(-blocks // cpus) * cpus  # whole rounds
     return max(1, min(MAX_BLOCK_SIZE, max(MIN_BLOCK_SIZE, -(-samples // blocks))))
-
-
-def cluster_cpus() -> float:
-    """CPUs of the connected cluster, or what its autoscaler can grow it to."""
-    import ray
-
-    from raypd.cluster import cluster_capacity
-
-    return cluster_capacity().total("CPU") or ray.cluster_resources().get("CPU", 1) or 1
 
 
 # How a sample is made from (seed, sample_id); the manifest records it. A folder with the same
@@ -246,7 +237,7 @@ def generate(config: DataConfig, out: str | os.PathLike, block_size: int | None 
         digests: list[bytes | None] = [None] * len(plan)
         draws = 0
         nodes = set()
-        bar = _progress_bar(config.samples, f"generate {out.name}", progress)
+        bar = progress_bar(config.samples, f"generate {out.name}", progress)
         try:
             for row in ds.iter_rows():
                 digests[row["block"]] = row["digests"]
@@ -362,12 +353,6 @@ def _user_error(exc: BaseException) -> ValueError | None:
             return ValueError(str(seen).strip().splitlines()[-1].split("ValueError: ")[-1])
         seen = seen.__cause__ or getattr(seen, "cause", None)
     return None
-
-
-def _progress_bar(total: int, desc: str, enabled: bool, unit: str = "samples"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- command line

@@ -113,6 +113,22 @@ def half_widths(calibration: dict, noise: np.ndarray, level: float) -> np.ndarra
     return table[nearest_bin(noise, calibration["noise_levels"]), level_index(calibration, level)]
 
 
+def unidentified_half_widths(calibration: dict, noise: np.ndarray, level: float, model_widths: np.ndarray):
+    """Half-widths of the model-only intervals of series refinement did not identify: the
+    calibration's quantiles for such series (per noise level) where it had enough of them
+    (raypd.refine.MIN_FALLBACK_SERIES), else the model's own (model_widths)."""
+    out = model_widths.copy()
+    tables = calibration.get("unidentified_quantiles") or []
+    if not tables:
+        return out
+    at = level_index(calibration, level)
+    bins = nearest_bin(noise, calibration["noise_levels"])
+    for i, b in enumerate(bins):
+        if tables[b] is not None:
+            out[i] = np.asarray(tables[b][at], dtype=np.float64)
+    return out
+
+
 def calibrate_model(predict, series: np.ndarray, targets: np.ndarray, seed: int = 0,
                     noise_levels=NOISE_LEVELS) -> dict:
     """Model-only calibration for `predict` (raw series -> raw targets) on held-out raw
@@ -133,6 +149,27 @@ def model_intervals(calibration: dict, series: np.ndarray, estimate: np.ndarray,
     """(lower, upper) (N, q) model-only intervals for raw series and the model's estimates."""
     width = half_widths(calibration, noise_level(series), level)
     return estimate - width, estimate + width
+
+
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:
+    """Test metrics in raw units: overall mse/rmse/mae (over all targets), r2 (mean over the
+    targets that vary), and per-target mse/mae/r2 (r2 is None for a constant target)."""
+    err = y_pred - y_true
+    per_mse = (err**2).mean(axis=0)
+    per_mae = np.abs(err).mean(axis=0)
+    var = y_true.var(axis=0)
+    per_r2 = [None if v <= 1e-24 else float(1 - m / v) for m, v in zip(per_mse, var)]
+    r2_values = [r for r in per_r2 if r is not None]
+    return {
+        "mse": float(per_mse.mean()),
+        "rmse": float(np.sqrt(per_mse.mean())),
+        "mae": float(per_mae.mean()),
+        "r2": float(np.mean(r2_values)) if r2_values else None,
+        "target_names": list(names),
+        "per_target": {name: {"mse": float(m), "mae": float(a), "r2": r}
+                       for name, m, a, r in zip(names, per_mse, per_mae, per_r2)},
+        "n_test": int(y_true.shape[0]),
+    }
 
 
 def coverage(lower: np.ndarray, upper: np.ndarray, truth: np.ndarray, names: list[str]) -> dict:

@@ -29,3 +29,12 @@ class CNN1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def check_fits(config, time_points: int) -> None:
+    """A ValueError unless the model of `config` (a raypd.config.Config) takes series of
+    `time_points` time points."""
+    pools = len(config.model.filters)
+    if time_points < 2**pools:
+        raise ValueError(f"model.filters has {pools} conv blocks, each halving the series: "
+                         f"{time_points} time points are too few (need >= {2**pools})")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -39,8 +38,8 @@ import numpy as np
 from raypd import ode
 from raypd.cli import ArgumentParser, check_writable, run_main
 from raypd.config import Config, from_dict
-from raypd.dataio import read_json
-from raypd.dataset import open_dataset, write_json
+from raypd.dataio import atomic_file, read_json, write_json
+from raypd.dataset import open_dataset
 from raypd.intervals import DEFAULT_LEVEL, check_level
 from raypd.serve import SavedModel
 
@@ -133,19 +132,11 @@ def csv_cells(values: np.ndarray) -> list[str]:
 def write_csv_atomic(header: list[str], chunks, path: Path) -> None:
     """Write a CSV (header, then the rows of each chunk: a dict of equal-length columns named
     as the header) whole or not at all: a temporary file beside it, then a rename."""
-    from raypd.dataio import naming
-
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with naming(path), open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(header)
-            for columns in chunks:
-                writer.writerows(zip(*(csv_cells(columns[name]) for name in header)))
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk, Ctrl-C, a bad series: leave nothing half-written
-        raise
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        for columns in chunks:
+            writer.writerows(zip(*(csv_cells(columns[name]) for name in header)))
 
 
 def read_csv_series(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +196,7 @@ def refined_calibration(study_dir: Path, model: SavedModel, problem, address: st
     calibrate_refined, on the study's saved validation split) and saved there, under the
     study's lock (locked: the caller holds it)."""
     from raypd.lock import hold
-    from raypd.serve import file_digest
+    from raypd.dataio import file_digest
     from raypd.tune import LOCK_FILE
 
     digest = file_digest(Path(model.source))
@@ -251,7 +242,7 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
     import pyarrow as pa
 
     from raypd.dataio import list_column, write_tables_atomic
-    from raypd.train import check_fits
+    from raypd.model import check_fits
 
     level = check_level(level)
     root, input_path, out = Path(root), Path(input_path), Path(out)

@@ -359,8 +359,8 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
 
     import ray
 
-    from raypd.cli import init_ray
-    from raypd.generate import _progress_bar, cluster_cpus
+    from raypd.cli import init_ray, progress_bar
+    from raypd.cluster import cluster_cpus
 
     init_ray(address)
     size = block_size(count, cluster_cpus())
@@ -375,7 +375,7 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
     out = {"estimate": np.empty((count, q)), "residual": np.empty(count), "identified": np.empty(count, bool),
            "starts": np.empty(count, np.int64), "se": np.empty((count, q)),
            "determined": np.empty((count, q), bool)}
-    bar = _progress_bar(count, "refine", progress, unit="series")
+    bar = progress_bar(count, "refine", progress, unit="series")
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             rows_done = batch["row"]
@@ -428,24 +428,6 @@ def calibrate_refined(predict, series: np.ndarray, targets: np.ndarray, problem:
             "identified": identified, "unidentified_quantiles": fallback}
 
 
-def unidentified_half_widths(calibration: dict, noise: np.ndarray, level: float, model_widths: np.ndarray):
-    """Half-widths of the model-only intervals of series refinement did not identify: the
-    calibration's quantiles for such series (per noise level) where it had enough of them
-    (MIN_FALLBACK_SERIES), else the model's own (model_widths)."""
-    from raypd.intervals import level_index, nearest_bin
-
-    out = model_widths.copy()
-    tables = calibration.get("unidentified_quantiles") or []
-    if not tables:
-        return out
-    at = level_index(calibration, level)
-    bins = nearest_bin(noise, calibration["noise_levels"])
-    for i, b in enumerate(bins):
-        if tables[b] is not None:
-            out[i] = np.asarray(tables[b][at], dtype=np.float64)
-    return out
-
-
 def refine_with_intervals(models: list, series: np.ndarray, problem: FitProblem, calibration: dict,
                           level: float, seeds: np.ndarray | None = None, address: str | None = None,
                           progress: bool = True) -> dict[str, np.ndarray]:
@@ -468,7 +450,7 @@ def refine_with_intervals(models: list, series: np.ndarray, problem: FitProblem,
     `estimate`, `lower`, `upper` those refined ones (the fit's own values in `fit_estimate`),
     plus model_estimate, model_lower, model_upper and noise. models: raypd.serve.SavedModel,
     best first."""
-    from raypd.intervals import half_widths
+    from raypd.intervals import half_widths, unidentified_half_widths
 
     series = np.asarray(series)
     estimate, lower, upper = models[0].predict_with_intervals(series, level)

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from raypd.cli import ArgumentParser, check_writable, run_main
-from raypd.dataset import write_json
+from raypd.dataio import write_json
+from raypd.tracking import log_report
 
 
 def _figures():
@@ -345,7 +346,7 @@ def make_report(study: str, root: str | Path = "runs", samples_shown: int = 4, a
 
 def _make_report(study: str, root: Path, samples_shown: int, address: str | None) -> Path:
     from raypd import ode
-    from raypd.dataset import metrics as test_metrics
+    from raypd.intervals import metrics as test_metrics
     from raypd.predict import load_best, resimulate
     from raypd.serve import TEST_SPLIT_FILE, SavedModel, iter_test_split, read_test_split
     from raypd.tune import SUMMARY_FILE
@@ -441,7 +442,7 @@ test MSE {metrics['mse']:.4f} (raw units), R² {number(metrics['r2'], '.3f') or 
     write_json(study_dir / SUMMARY_FILE, summary)  # last: a report that fails leaves the summary as it was
     report = study_dir / "report.html"
     report.write_text(page)
-    log_to_mlflow(root, study, summary, [study_dir / name for name in pictures] + [report])
+    log_report(root, study, summary, [study_dir / name for name in pictures] + [report])
     return report
 
 
@@ -468,7 +469,7 @@ def refined_test(config, summary: dict, study_dir: Path, model, series: np.ndarr
     """The test split refined through the ODE, clean and with 2% observation noise: model-only
     and refined MSE, the identified share and each kind of interval's coverage (per target);
     plus, under "shown", the first SHOWN series' estimates and intervals for the picture."""
-    from raypd.dataset import metrics as test_metrics
+    from raypd.intervals import metrics as test_metrics
     from raypd.intervals import DEFAULT_LEVEL, add_noise, coverage
     from raypd.predict import next_best_models, refined_calibration
     from raypd.refine import FitProblem, refine_with_intervals
@@ -531,34 +532,6 @@ def interval_plot(names: list[str], y_true: np.ndarray, shown: dict, path: Path)
     fig.legend(handles=handles, loc="outside upper center", ncol=3, fontsize=9)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
-
-
-def log_to_mlflow(root: Path, study: str, summary: dict, files: list[Path]) -> None:
-    """The pictures and the page as artifacts of the best trial's MLflow run, and the refined
-    test figures as its metrics."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    store = Path(root).absolute() / "mlflow.db"
-    if not store.exists():  # a study tracked elsewhere (--tracking-uri): do not create a store here
-        return
-    client = MlflowClient(f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name(f"raypd-{study}")
-    if experiment is None:
-        return
-    for run in client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.trial_id = '{summary['best_trial_id']}'"):
-        for path in files:
-            client.log_artifact(run.info.run_id, str(path), artifact_path="report")
-        if summary["refined"] is None:
-            continue
-        now = int(__import__("time").time() * 1000)
-        values = {f"{kind}_{key}": summary["refined"][kind][key] for kind in ("clean", "noise_2pct")
-                  for key in ("model_mse", "refined_mse", "identified")}
-        values.update({f"{kind}_{key}": summary["refined"][kind][key]["all"] for kind in ("clean", "noise_2pct")
-                       for key in ("coverage_model", "coverage_refined")})
-        client.log_batch(run.info.run_id, metrics=[Metric(f"test_{k}", float(v), now, 0) for k, v in values.items()
-                                                   if v is not None])
 
 
 def main(argv: list[str] | None = None) -> None:

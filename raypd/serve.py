@@ -1,4 +1,4 @@
-"""A trained model as it is used: what it carries, the one inference path, and the MLflow model.
+"""A trained model as it is used: what it carries and the one inference path.
 
 Every checkpoint (train.save_checkpoint) holds, beside the weights, `meta`: a plain dict
 (lists, floats, strings; torch.load(weights_only=True) reads it) with everything that
@@ -7,23 +7,18 @@ parameters), the target standardisation (mean, std, which targets vary; a consta
 is predicted as its mean), the target names, the series shape and times, and the model
 config. `SavedModel` loads a checkpoint and predicts from raw series; raypd.train,
 raypd.tune, raypd.predict, raypd.report and the MLflow pyfunc (raypd/mlflow_model.py) all
-predict through it. `log_and_register` logs a study's best model to its MLflow run and
-registers it as `raypd-<study>`.
+predict through it (raypd.tracking logs and registers it in MLflow). Also here: the study's
+split files (test, calibration) that report and predict read without ROOT/data.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from raypd.cli import redact
+from raypd.dataio import atomic_file
 from raypd.dataset import Prepared, apply_input_norm, targets_to_raw
 
 CHECKPOINT_FILE = "state.pt"  # the file in a checkpoint folder (train.save_checkpoint)
@@ -180,9 +175,8 @@ def add_calibration(checkpoint: Path, series: np.ndarray, targets: np.ndarray, s
     model = SavedModel.load(checkpoint)
     calibration = calibrate_model(model.predict, series, targets, seed=seed)
     payload["meta"] = {**payload["meta"], "intervals": calibration}
-    tmp = file.with_name(f".{file.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(file)
+    with atomic_file(file) as tmp:
+        torch.save(payload, tmp)
     return calibration
 
 
@@ -238,131 +232,3 @@ def iter_test_split(path: Path, series_shape, limit: int | None = None, rows: in
 
 
 # --------------------------------------------------------------------------- MLflow
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def registered_name(study: str) -> str:
-    return f"raypd-{study}"
-
-
-def signature(model: SavedModel):
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    channels, steps = model.series_shape
-    # interval_level 0: no intervals (the default response); in (0, 1): estimates with intervals
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, steps))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(model.target_names)))]),
-                          params=ParamSchema([ParamSpec("interval_level", "double", 0.0)]))
-
-
-@contextmanager
-def tracking(uri: str):
-    """MLflow's fluent API (log_model) on `uri` for a while; the process's tracking URI and its
-    MLFLOW_TRACKING_URI variable are put back as they were."""
-    import mlflow
-
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # restores "unset" too
-    except ImportError:  # pragma: no cover (another MLflow)
-        _use_tracking_uri = None
-    try:
-        if _use_tracking_uri is not None:
-            with _use_tracking_uri(uri):
-                yield
-        else:
-            previous = mlflow.get_tracking_uri()
-            mlflow.set_tracking_uri(uri)
-            try:
-                yield
-            finally:
-                mlflow.set_tracking_uri(previous)
-    finally:
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
-def registered_version(study: str, summary: dict, tracking_uri: str) -> tuple[int | None, str]:
-    """(the latest version of raypd-<study> if it holds the study's best checkpoint (its tag
-    checkpoint_sha256), else None; that checkpoint's digest). Reads only."""
-    from mlflow.tracking import MlflowClient
-
-    digest = file_digest(Path(summary["best_checkpoint"]) / CHECKPOINT_FILE)
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    versions = client.search_model_versions(f"name = '{registered_name(study)}'")
-    latest = max(versions, key=lambda v: int(v.version), default=None)
-    if latest is not None and latest.tags.get("checkpoint_sha256") == digest:
-        return int(latest.version), digest
-    return None, digest
-
-
-def log_and_register(study: str, summary: dict, tracking_uri: str, test_split: Path | None = None) -> dict | None:
-    """Log the study's best model to the best trial's MLflow run as a pyfunc model (from code:
-    raypd/mlflow_model.py, no pickle) with a signature and an input example (the first series
-    of test_split, when given), and register it as raypd-<study>. Idempotent: when the latest
-    version already holds this best checkpoint (tag checkpoint_sha256), nothing is logged.
-    Returns {name, version, model_uri, new}, or None when the study has no best model."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    if not summary.get("best_checkpoint"):
-        return None
-    checkpoint = Path(summary["best_checkpoint"])
-    name = registered_name(study)
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    latest, digest = registered_version(study, summary, tracking_uri)
-    if latest is not None:
-        return {"name": name, "version": latest, "model_uri": f"models:/{name}/{latest}", "new": False}
-    model = SavedModel.load(checkpoint)
-    experiment = client.get_experiment_by_name(f"raypd-{study}")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_id = '{summary['best_trial_id']}'",
-                              max_results=1) if experiment else []
-    if not runs:
-        raise ValueError(f"no MLflow run of trial {summary['best_trial_id']} in experiment raypd-{study} "
-                         f"at {redact(tracking_uri)}")
-    run_id = runs[0].info.run_id
-    if test_split is not None and Path(test_split).is_file():  # the input example: a real test series
-        example = read_test_split(Path(test_split), model.series_shape, limit=1)[2]
-    else:
-        example = np.ones((1, *model.series_shape), dtype=np.float32)
-    code = Path(__file__).with_name("mlflow_model.py")
-    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={__import__('torch').__version__.split('+')[0]}",
-                    f"numpy=={np.__version__}", "raypd"]
-    with tempfile.TemporaryDirectory(prefix="raypd-model-") as tmp, tracking(tracking_uri):
-        model.save(Path(tmp) / MODEL_FILE)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(code), artifacts={"model": str(Path(tmp) / MODEL_FILE)},
-                signature=signature(model), input_example=example.astype(np.float32, copy=False),
-                pip_requirements=requirements,
-                metadata={"target_names": model.target_names, "series_shape": list(model.series_shape)})
-    # the registry through this client: MLflow's global registry URI (inherited by subprocesses
-    # through MLFLOW_REGISTRY_URI) is left alone. Inside `tracking`: the registry looks the
-    # logged model up through the process's tracking URI (in a fresh process, one that only
-    # re-registers a finished study, that was still ./mlruns: "Logged model ... not found").
-    with tracking(tracking_uri):
-        try:
-            client.create_registered_model(name, tags={"study": study},
-                                           description=f"best model of raypd study {study}: raw series (N, 2n, T) "
-                                                       "in, parameters then initial conditions out")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = client.create_model_version(
-            name, info.model_uri, run_id=run_id, model_id=info.model_id,
-            tags={"checkpoint_sha256": digest, "study": study, "trial_id": str(summary["best_trial_id"]),
-                  "target_names": json.dumps(model.target_names)})
-    client.set_tag(run_id, "registered_model", f"{name}/{version.version}")
-    return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
-            "new": True}

@@ -1,4 +1,14 @@
-"""MLflow for a study: one run per trial, every result sent through an outbox kept on disk.
+"""Everything raypd does in MLflow: where a run is created, tagged, deleted or registered.
+
+- A study's runs (`mlflow_callback`, `send_outbox`, `finish_mlflow`): one run per trial,
+  every result sent through an outbox kept on disk (below); at the study's end the runs of
+  trials that no longer exist are deleted (only this study instance's) and the best is tagged.
+- The registered model (`register_best`, `log_and_register`): the best checkpoint as a pyfunc
+  model from code (raypd/mlflow_model.py, which predicts through raypd.serve.SavedModel),
+  registered as raypd-<study>, a new version only when the best checkpoint changed.
+- The report (`log_report`): its pictures and refined figures on the best trial's run.
+
+The outbox:
 
 The study's Tune callback (`mlflow_callback`) only queues what happened (a trial started, a
 result, a trial ended) in the study folder's outbox file, in order, with the time it happened;
@@ -13,15 +23,23 @@ one call per metric (~8 ms each on SQLite).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from raypd.cli import redact
+from raypd.dataio import atomic_file, file_digest
+from raypd.serve import CHECKPOINT_FILE, MODEL_FILE, TEST_SPLIT_FILE, SavedModel, read_test_split
 
 OUTBOX_FILE = "mlflow_outbox.jsonl"  # in ROOT/tune/NAME: what MLflow has not taken yet
 RETRY_SECONDS = 2.0  # between tries while the tracking server does not answer
+TRACKING_START_SECONDS = 120.0  # before a study: how long to wait for a tracking server that is starting
 TRACKING_WAIT_SECONDS = 600.0  # at a study's end, how long results wait for a tracking server that went away
 
 
@@ -145,9 +163,8 @@ class Sender:
         if not self.queue:
             self.outbox.unlink(missing_ok=True)
             return
-        tmp = self.outbox.with_name(f".{self.outbox.name}.tmp")
-        tmp.write_text("".join(json.dumps(op) + "\n" for op in self.queue))
-        tmp.replace(self.outbox)
+        with atomic_file(self.outbox) as tmp:
+            tmp.write_text("".join(json.dumps(op) + "\n" for op in self.queue))
 
     def _client(self):
         from mlflow.tracking import MlflowClient
@@ -239,3 +256,274 @@ def mlflow_callback(tracking_uri: str, study_name: str, tags: dict, outbox: Path
             self.queue.put(["end", trial.trial_id, "FAILED" if failed else "FINISHED"])
 
     return MlflowTrials(sender(tracking_uri, f"raypd-{study_name}", tags.get("study_instance"), Path(outbox)), tags)
+
+
+# --------------------------------------------------------------------------- a study's start and end: its runs
+
+
+def check_tracking_uri(uri: str) -> None:
+    """MLflow takes this URI (a known scheme) and, for a tracking server (http, https), the
+    server answers; checked before anything is written or any trial runs. Not for sqlite URIs:
+    opening one creates the database."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri)
+    except MlflowException as exc:
+        raise ValueError(f"--tracking-uri {redact(uri)}: {redact(exc.message.strip().splitlines()[0])}") from None
+    if uri.split(":", 1)[0] in ("http", "https"):
+        import requests
+
+        wait = float(os.environ.get("RAYPD_TRACKING_START_SECONDS", TRACKING_START_SECONDS))
+        deadline, said = time.monotonic() + wait, False
+        while True:
+            try:  # quick requests, not MLflow's minutes of retries
+                requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+                return
+            except requests.RequestException as exc:
+                if time.monotonic() >= deadline:
+                    raise ValueError(f"--tracking-uri {redact(uri)}: no MLflow tracking server answers there "
+                                     f"({type(exc).__name__}, waited {wait:.0f} s); start it (mlflow server ...) "
+                                     "or pass another URI") from None
+                if not said:  # the first miss: say so, once
+                    said = True
+                    print(f"raypd.tune: no MLflow tracking server answers at {redact(uri)} yet: waiting up to {wait:.0f} s "
+                          "for one that is starting (a cluster's head starts it with `ray up`)", file=sys.stderr)
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+def send_outbox(tracking_uri: str, name: str, instance: str | None, study_dir: Path,
+                trial_histories: dict | None = None) -> None:
+    """Wait (up to TRACKING_WAIT_SECONDS) until MLflow holds every result of the study's outbox
+    (raypd.tracking), and every epoch of `trial_histories` (trial_id -> its epochs' metrics) its
+    run lacks; a ValueError if the tracking server never answers (the outbox stays)."""
+    from raypd import tracking
+
+    queue = tracking.sender(tracking_uri, f"raypd-{name}", instance, study_dir / OUTBOX_FILE)
+    now = int(time.time() * 1000)
+    for trial_id, history in (trial_histories or {}).items():
+        queue.put(["history", trial_id, history, now])
+    if not queue.pending():
+        return
+    wait = float(os.environ.get("RAYPD_TRACKING_WAIT_SECONDS", TRACKING_WAIT_SECONDS))
+    left = queue.flush(wait)
+    if left:
+        raise ValueError(f"the MLflow tracking server at {redact(tracking_uri)} has not answered for {wait:.0f} s: "
+                         f"{left} results of study {name} wait in {study_dir / OUTBOX_FILE} (its trials are "
+                         "done; their checkpoints are in the study folder); run the same command again once it "
+                         "answers to send them")
+
+
+def finish_mlflow(tracking_uri: str, name: str, summary: dict, instance: str) -> None:
+    """Tag the best trial's run with its checkpoint. A study killed before Tune saved its
+    state loses the trials it had just started (the searcher proposes new ones on resume):
+    their runs are deleted, so the experiment holds exactly one run per trial. Only this study
+    instance's runs (tag study_instance) are looked at: a study of the same NAME under another
+    ROOT (or one run before its folder was removed) shares the experiment on a shared server."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(f"raypd-{name}")
+    trial_ids = {t["trial_id"] for t in summary["trials"]}
+    for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.study_instance = '{instance}'",
+                                  max_results=50_000):
+        trial_id = run.data.tags.get("trial_id")
+        if trial_id not in trial_ids:
+            client.delete_run(run.info.run_id)
+        elif trial_id == summary["best_trial_id"]:
+            client.set_tag(run.info.run_id, "best_checkpoint", summary["best_checkpoint"])
+            client.set_tag(run.info.run_id, "best_trial", "true")
+
+
+
+# --------------------------------------------------------------------------- the registered model
+
+
+def registered_name(study: str) -> str:
+    return f"raypd-{study}"
+
+
+def signature(model: SavedModel):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    channels, steps = model.series_shape
+    # interval_level 0: no intervals (the default response); in (0, 1): estimates with intervals
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, steps))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(model.target_names)))]),
+                          params=ParamSchema([ParamSpec("interval_level", "double", 0.0)]))
+
+
+@contextmanager
+def tracking(uri: str):
+    """MLflow's fluent API (log_model) on `uri` for a while; the process's tracking URI and its
+    MLFLOW_TRACKING_URI variable are put back as they were."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # restores "unset" too
+    except ImportError:  # pragma: no cover (another MLflow)
+        _use_tracking_uri = None
+    try:
+        if _use_tracking_uri is not None:
+            with _use_tracking_uri(uri):
+                yield
+        else:
+            previous = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(uri)
+            try:
+                yield
+            finally:
+                mlflow.set_tracking_uri(previous)
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def registered_version(study: str, summary: dict, tracking_uri: str) -> tuple[int | None, str]:
+    """(the latest version of raypd-<study> if it holds the study's best checkpoint (its tag
+    checkpoint_sha256), else None; that checkpoint's digest). Reads only."""
+    from mlflow.tracking import MlflowClient
+
+    digest = file_digest(Path(summary["best_checkpoint"]) / CHECKPOINT_FILE)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    versions = client.search_model_versions(f"name = '{registered_name(study)}'")
+    latest = max(versions, key=lambda v: int(v.version), default=None)
+    if latest is not None and latest.tags.get("checkpoint_sha256") == digest:
+        return int(latest.version), digest
+    return None, digest
+
+
+def log_and_register(study: str, summary: dict, tracking_uri: str, test_split: Path | None = None) -> dict | None:
+    """Log the study's best model to the best trial's MLflow run as a pyfunc model (from code:
+    raypd/mlflow_model.py, no pickle) with a signature and an input example (the first series
+    of test_split, when given), and register it as raypd-<study>. Idempotent: when the latest
+    version already holds this best checkpoint (tag checkpoint_sha256), nothing is logged.
+    Returns {name, version, model_uri, new}, or None when the study has no best model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not summary.get("best_checkpoint"):
+        return None
+    checkpoint = Path(summary["best_checkpoint"])
+    name = registered_name(study)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    latest, digest = registered_version(study, summary, tracking_uri)
+    if latest is not None:
+        return {"name": name, "version": latest, "model_uri": f"models:/{name}/{latest}", "new": False}
+    model = SavedModel.load(checkpoint)
+    experiment = client.get_experiment_by_name(f"raypd-{study}")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_id = '{summary['best_trial_id']}'",
+                              max_results=1) if experiment else []
+    if not runs:
+        raise ValueError(f"no MLflow run of trial {summary['best_trial_id']} in experiment raypd-{study} "
+                         f"at {redact(tracking_uri)}")
+    run_id = runs[0].info.run_id
+    if test_split is not None and Path(test_split).is_file():  # the input example: a real test series
+        example = read_test_split(Path(test_split), model.series_shape, limit=1)[2]
+    else:
+        example = np.ones((1, *model.series_shape), dtype=np.float32)
+    code = Path(__file__).with_name("mlflow_model.py")
+    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={__import__('torch').__version__.split('+')[0]}",
+                    f"numpy=={np.__version__}", "raypd"]
+    with tempfile.TemporaryDirectory(prefix="raypd-model-") as tmp, tracking(tracking_uri):
+        model.save(Path(tmp) / MODEL_FILE)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(code), artifacts={"model": str(Path(tmp) / MODEL_FILE)},
+                signature=signature(model), input_example=example.astype(np.float32, copy=False),
+                pip_requirements=requirements,
+                metadata={"target_names": model.target_names, "series_shape": list(model.series_shape)})
+    # the registry through this client: MLflow's global registry URI (inherited by subprocesses
+    # through MLFLOW_REGISTRY_URI) is left alone. Inside `tracking`: the registry looks the
+    # logged model up through the process's tracking URI (in a fresh process, one that only
+    # re-registers a finished study, that was still ./mlruns: "Logged model ... not found").
+    with tracking(tracking_uri):
+        try:
+            client.create_registered_model(name, tags={"study": study},
+                                           description=f"best model of raypd study {study}: raw series (N, 2n, T) "
+                                                       "in, parameters then initial conditions out")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name, info.model_uri, run_id=run_id, model_id=info.model_id,
+            tags={"checkpoint_sha256": digest, "study": study, "trial_id": str(summary["best_trial_id"]),
+                  "target_names": json.dumps(model.target_names)})
+    client.set_tag(run_id, "registered_model", f"{name}/{version.version}")
+    return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
+            "new": True}
+
+
+def already_registered(name: str, summary: dict, tracking_uri: str) -> bool:
+    """Whether there is nothing to register: no best model, or its latest registered version
+    holds this best checkpoint (a read of the store, which must exist)."""
+    if not summary.get("best_checkpoint"):
+        return True
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return False  # register_best says why it does not register
+    try:
+        return registered_version(name, summary, tracking_uri)[0] is not None
+    except (OSError, ValueError):  # a missing or damaged checkpoint: register_best says so
+        return False
+
+
+def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, quiet: bool = False) -> None:
+    """The best model as an MLflow model registered as raypd-<name> (log_and_register), a new
+    version only when the best checkpoint changed. quiet: an old study's checkpoint without
+    saved normalisation is reported on stderr and left unregistered."""
+    if not summary.get("best_checkpoint"):
+        return
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        # a study tracked elsewhere (--tracking-uri): do not create a store here
+        print(f"raypd.tune: the best model is not registered: no MLflow store at {redact(tracking_uri)} "
+              "(pass the study's --tracking-uri)", file=sys.stderr)
+        return
+    started = time.perf_counter()
+    try:
+        out = log_and_register(name, summary, tracking_uri, study_dir / TEST_SPLIT_FILE)
+    except ValueError as exc:
+        if not quiet:
+            raise
+        print(f"raypd.tune: the best model is not registered: {exc}", file=sys.stderr)
+        return
+    if out and out["new"]:
+        print(f"raypd.tune: registered {out['model_uri']} in {time.perf_counter() - started:.1f} s "
+              f"(MLflow {redact(tracking_uri)})", file=sys.stderr)
+
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def log_report(root: Path, study: str, summary: dict, files: list[Path]) -> None:
+    """The pictures and the page as artifacts of the best trial's MLflow run, and the refined
+    test figures as its metrics."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    store = Path(root).absolute() / "mlflow.db"
+    if not store.exists():  # a study tracked elsewhere (--tracking-uri): do not create a store here
+        return
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name(f"raypd-{study}")
+    if experiment is None:
+        return
+    for run in client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.trial_id = '{summary['best_trial_id']}'"):
+        for path in files:
+            client.log_artifact(run.info.run_id, str(path), artifact_path="report")
+        if summary["refined"] is None:
+            continue
+        now = int(time.time() * 1000)
+        values = {f"{kind}_{key}": summary["refined"][kind][key] for kind in ("clean", "noise_2pct")
+                  for key in ("model_mse", "refined_mse", "identified")}
+        values.update({f"{kind}_{key}": summary["refined"][kind][key]["all"] for kind in ("clean", "noise_2pct")
+                       for key in ("coverage_model", "coverage_refined")})
+        client.log_batch(run.info.run_id, metrics=[Metric(f"test_{k}", float(v), now, 0) for k, v in values.items()
+                                                   if v is not None])

@@ -26,10 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
-from raypd.config import Config, TrainConfig, from_dict, load_config, to_dict
-from raypd.dataio import naming
-from raypd.dataset import (TRAINING_SPLITS, DatasetFiles, Prepared, apply_input_norm, metrics, open_dataset, prepare,
-                           series_bytes, split_series, stream_options, stream_split, write_json)
+from raypd.cluster import use_gpu
+from raypd.config import Config, TrainConfig, dataset_dir, from_dict, load_config, to_dict
+from raypd.dataio import naming, write_json
+from raypd.dataset import (TRAINING_SPLITS, DatasetFiles, Prepared, apply_input_norm, open_dataset, prepare,
+                           series_bytes, split_series, stream_options, stream_split)
+from raypd.intervals import metrics
+from raypd.model import check_fits
 from raypd.serve import CHECKPOINT_FILE, model_meta
 
 
@@ -389,19 +392,6 @@ def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: b
 # --------------------------------------------------------------------------- driver side
 
 
-def use_gpu(config: Config, capacity=None) -> bool:
-    """train.use_gpu, or (when unset) whether the cluster has GPUs or can grow them: an
-    autoscaling cluster's GPU nodes start only when something asks for a GPU.
-    capacity: a raypd.cluster.Capacity (default: the connected cluster's)."""
-    if config.train.use_gpu is not None:
-        return config.train.use_gpu
-    if capacity is None:
-        from raypd.cluster import cluster_capacity
-
-        capacity = cluster_capacity()
-    return capacity.total("GPU") > 0
-
-
 def ddp_backend(train: TrainConfig, gpu: bool) -> str:
     """NCCL when every worker owns whole GPUs; gloo on CPUs and when workers hold fractions of
     a GPU, since then two ranks may sit on one device and NCCL refuses that ("Duplicate GPU
@@ -487,17 +477,6 @@ def read_state(checkpoint: Path) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{file}: a checkpoint without its training state")
     return state
-
-
-def check_fits(config: Config, time_points: int) -> None:
-    pools = len(config.model.filters)
-    if time_points < 2**pools:
-        raise ValueError(f"model.filters has {pools} conv blocks, each halving the series: "
-                         f"{time_points} time points are too few (need >= {2**pools})")
-
-
-def dataset_dir(config: Config, root: Path) -> Path:
-    return root / "data" / config.data.dataset_name()
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path | None = None,

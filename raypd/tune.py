@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from raypd import __version__
-from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, redact, run_main
+from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
-from raypd.config import Config, from_dict, load_config, merge, to_dict
-from raypd.dataio import read_json
-from raypd.dataset import open_dataset, prepare, split_series, write_json
+from raypd.config import Config, dataset_dir, from_dict, load_config, merge, to_dict
+from raypd.dataio import read_json, write_json
+from raypd.dataset import open_dataset, prepare, split_series
 from raypd.lock import hold
-from raypd.tracking import OUTBOX_FILE, TRACKING_WAIT_SECONDS, mlflow_callback
+from raypd.tracking import (OUTBOX_FILE, already_registered, check_tracking_uri, finish_mlflow, mlflow_callback,
+                            register_best, send_outbox)
 from raypd.serve import CALIBRATION_SPLIT_FILE, TEST_SPLIT_FILE, write_test_split
 
 STUDIES = Path(__file__).resolve().parents[1] / "tune_configs"
@@ -91,7 +92,7 @@ def check_space(config: Config) -> None:
     """Before any trial runs: both corners of the space (all lows, all highs) must make valid
     configs, and so must every value of each variable (each choice, an int's bounds, a float
     range's bounds as floats) with the others at either corner."""
-    from raypd.train import check_fits
+    from raypd.model import check_fits
 
     values = {}
     for name, spec in config.search.space.items():
@@ -177,7 +178,6 @@ def make_trial(study: Config, data_ref, study_dir: Path, use_gpu: bool):
     return trial
 
 
-TRACKING_START_SECONDS = 120.0  # before a study: how long to wait for a tracking server that is starting
 
 
 # --------------------------------------------------------------------------- the study
@@ -196,7 +196,7 @@ def study_path(study: str | None, config_file: str | None) -> Path:
 def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri: str | None = None,
               address: str | None = None) -> dict:
     """Run (or resume, or just summarise) study `name`; return its summary."""
-    from raypd.train import check_fits
+    from raypd.model import check_fits
 
     root = Path(root).absolute()
     study_dir = root / "tune" / name
@@ -244,7 +244,7 @@ def _run_locked(config: Config, name: str, root: Path, study_dir: Path, resolved
     from ray import tune
 
     from raypd.generate import generate
-    from raypd.train import dataset_dir, held_splits
+    from raypd.train import held_splits
 
     init_ray(address)
     capacity = cluster_capacity()
@@ -324,28 +324,6 @@ def histories(summary: dict) -> dict:
             for t in summary["trials"] if t["epochs"]}
 
 
-def send_outbox(tracking_uri: str, name: str, instance: str | None, study_dir: Path,
-                trial_histories: dict | None = None) -> None:
-    """Wait (up to TRACKING_WAIT_SECONDS) until MLflow holds every result of the study's outbox
-    (raypd.tracking), and every epoch of `trial_histories` (trial_id -> its epochs' metrics) its
-    run lacks; a ValueError if the tracking server never answers (the outbox stays)."""
-    from raypd import tracking
-
-    queue = tracking.sender(tracking_uri, f"raypd-{name}", instance, study_dir / OUTBOX_FILE)
-    now = int(time.time() * 1000)
-    for trial_id, history in (trial_histories or {}).items():
-        queue.put(["history", trial_id, history, now])
-    if not queue.pending():
-        return
-    wait = float(os.environ.get("RAYPD_TRACKING_WAIT_SECONDS", TRACKING_WAIT_SECONDS))
-    left = queue.flush(wait)
-    if left:
-        raise ValueError(f"the MLflow tracking server at {redact(tracking_uri)} has not answered for {wait:.0f} s: "
-                         f"{left} results of study {name} wait in {study_dir / OUTBOX_FILE} (its trials are "
-                         "done; their checkpoints are in the study folder); run the same command again once it "
-                         "answers to send them")
-
-
 def fit_or_interrupted(tuner):
     """tuner.fit(), and whether Ctrl-C (or SIGTERM, raypd.cli) stopped it. Tune catches the
     first SIGINT itself, stops its trials, saves its state and returns the results as if the
@@ -380,100 +358,6 @@ def discard_tune_state(study_dir: Path, name: str) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-
-
-def already_registered(name: str, summary: dict, tracking_uri: str) -> bool:
-    """Whether there is nothing to register: no best model, or its latest registered version
-    holds this best checkpoint (a read of the store, which must exist)."""
-    from raypd.serve import registered_version
-
-    if not summary.get("best_checkpoint"):
-        return True
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
-        return False  # register_best says why it does not register
-    try:
-        return registered_version(name, summary, tracking_uri)[0] is not None
-    except (OSError, ValueError):  # a missing or damaged checkpoint: register_best says so
-        return False
-
-
-def register_best(name: str, summary: dict, tracking_uri: str, study_dir: Path, quiet: bool = False) -> None:
-    """The best model as an MLflow model registered as raypd-<name> (raypd.serve), a new
-    version only when the best checkpoint changed. quiet: an old study's checkpoint without
-    saved normalisation is reported on stderr and left unregistered."""
-    from raypd.serve import log_and_register
-
-    if not summary.get("best_checkpoint"):
-        return
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
-        # a study tracked elsewhere (--tracking-uri): do not create a store here
-        print(f"raypd.tune: the best model is not registered: no MLflow store at {redact(tracking_uri)} "
-              "(pass the study's --tracking-uri)", file=sys.stderr)
-        return
-    started = time.perf_counter()
-    try:
-        out = log_and_register(name, summary, tracking_uri, study_dir / TEST_SPLIT_FILE)
-    except ValueError as exc:
-        if not quiet:
-            raise
-        print(f"raypd.tune: the best model is not registered: {exc}", file=sys.stderr)
-        return
-    if out and out["new"]:
-        print(f"raypd.tune: registered {out['model_uri']} in {time.perf_counter() - started:.1f} s "
-              f"(MLflow {redact(tracking_uri)})", file=sys.stderr)
-
-
-def check_tracking_uri(uri: str) -> None:
-    """MLflow takes this URI (a known scheme) and, for a tracking server (http, https), the
-    server answers; checked before anything is written or any trial runs. Not for sqlite URIs:
-    opening one creates the database."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(uri)
-    except MlflowException as exc:
-        raise ValueError(f"--tracking-uri {redact(uri)}: {redact(exc.message.strip().splitlines()[0])}") from None
-    if uri.split(":", 1)[0] in ("http", "https"):
-        import requests
-
-        wait = float(os.environ.get("RAYPD_TRACKING_START_SECONDS", TRACKING_START_SECONDS))
-        deadline, said = time.monotonic() + wait, False
-        while True:
-            try:  # quick requests, not MLflow's minutes of retries
-                requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-                return
-            except requests.RequestException as exc:
-                if time.monotonic() >= deadline:
-                    raise ValueError(f"--tracking-uri {redact(uri)}: no MLflow tracking server answers there "
-                                     f"({type(exc).__name__}, waited {wait:.0f} s); start it (mlflow server ...) "
-                                     "or pass another URI") from None
-                if not said:  # the first miss: say so, once
-                    said = True
-                    print(f"raypd.tune: no MLflow tracking server answers at {redact(uri)} yet: waiting up to {wait:.0f} s "
-                          "for one that is starting (a cluster's head starts it with `ray up`)", file=sys.stderr)
-                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-
-
-def finish_mlflow(tracking_uri: str, name: str, summary: dict, instance: str) -> None:
-    """Tag the best trial's run with its checkpoint. A study killed before Tune saved its
-    state loses the trials it had just started (the searcher proposes new ones on resume):
-    their runs are deleted, so the experiment holds exactly one run per trial. Only this study
-    instance's runs (tag study_instance) are looked at: a study of the same NAME under another
-    ROOT (or one run before its folder was removed) shares the experiment on a shared server."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(f"raypd-{name}")
-    trial_ids = {t["trial_id"] for t in summary["trials"]}
-    for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.study_instance = '{instance}'",
-                                  max_results=50_000):
-        trial_id = run.data.tags.get("trial_id")
-        if trial_id not in trial_ids:
-            client.delete_run(run.info.run_id)
-        elif trial_id == summary["best_trial_id"]:
-            client.set_tag(run.info.run_id, "best_checkpoint", summary["best_checkpoint"])
-            client.set_tag(run.info.run_id, "best_trial", "true")
 
 
 INSTANCE_FILE = "instance.json"  # in ROOT/tune/NAME: which study this folder holds, for MLflow

@@ -141,7 +141,7 @@ def test_study_with_its_dataset_present_queues_trials_for_the_autoscaler(cpu_clu
     """The issue's case: the dataset is there, no worker is up (0 CPUs live). The study is
     sized from the node types (3 at a time), Tune queues the trials, the autoscaler adds
     nodes, and the trials run on more than one of them."""
-    from raypd.train import dataset_dir
+    from raypd.config import dataset_dir
 
     root = tmp_path / "root"
     made = cpu_cluster.run("raypd.generate", "--n-actions", "1", "--samples", "600", "--seed", "42",

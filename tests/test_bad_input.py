@@ -10,7 +10,7 @@ from raypd.config import DataConfig, to_dict
 from raypd.dataio import MANIFEST
 from raypd.generate import generate
 from tests.conftest import free_port, run_cli, snapshot
-from tests.test_dataset import corrupt
+from tests.conftest import corrupt
 
 DATA = DataConfig(samples=40, seed=4, mu_range=(0.0, 0.0), time_points=64, time_span=(0.0, 63.0))
 HOPELESS = ["--pi-diag-range", "0.1", "0.1", "--gamma-diag-range", "0.1", "0.1", "--g-range", "0", "0",
@@ -160,7 +160,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(dataset, tmp_path, 
         args += ["--root", str(tmp_path / "root")]
     before = snapshot(tmp_path)
     # a tracking server that does not answer is refused at once, not after waiting for one
-    # that may be starting (raypd.tune.TRACKING_START_SECONDS; tests/test_tracking.py)
+    # that may be starting (raypd.tracking.TRACKING_START_SECONDS; tests/test_tracking.py)
     result = run_cli(f"raypd.{stage}", *args, cwd=tmp_path, timeout=120, env={"RAYPD_TRACKING_START_SECONDS": "0"})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -1,18 +1,15 @@
 """raypd.dataset: reading back with checks, split, normalisation, target standardisation,
 raw-unit metrics."""
 
-import json
-import shutil
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from raypd.config import DataConfig, TrainConfig
 from raypd.dataio import MANIFEST
-from raypd.dataset import load_dataset, metrics, normalise_inputs, prepare, split_ids
+from raypd.dataset import load_dataset, normalise_inputs, prepare, split_ids
+from raypd.intervals import metrics
 from raypd.generate import generate, generate_samples
+from tests.conftest import COLUMN_DAMAGE, corrupt
 
 CONFIG = DataConfig(samples=40, seed=4, mu_range=(0.0, 0.0), time_points=33, time_span=(0.0, 32.0))
 
@@ -31,57 +28,6 @@ def test_reads_back_what_was_generated(dataset_dir):
     assert np.array_equal(ds.params, cols["params"]) and np.array_equal(ds.ic, cols["ic"])
     assert np.array_equal(ds.series, cols["series"])
     assert ds.target_names == ["g_1", "mu_1", "Pi_11", "Gamma_11", "v0_1", "m0_1"]
-
-
-MANIFEST_DAMAGE = {  # the manifest as a hand edit or another tool might leave it
-    "entry without rows": lambda m: {**m, "files": [{"path": m["files"][0]["path"]}, *m["files"][1:]]},
-    "files not a list": lambda m: {**m, "files": {"part-0.parquet": 1}},
-    "no content_hash": lambda m: {k: v for k, v in m.items() if k != "content_hash"},
-    "no param_names": lambda m: {k: v for k, v in m.items() if k != "param_names"},
-    "time_points cut short": lambda m: {**m, "time_points": m["time_points"][:3]},
-    "manifest a list": lambda m: [m],
-}
-COLUMN_DAMAGE = {  # a part file rewritten with other column types
-    "params as plain numbers": lambda t: ("params", pa.array(np.zeros(t.num_rows))),
-    "series as strings": lambda t: ("series", pa.array([["1"]] * t.num_rows)),
-}
-
-
-def corrupt(dataset_dir, tmp_path, how):
-    bad = tmp_path / "bad"
-    shutil.copytree(dataset_dir, bad)
-    manifest = json.loads((bad / MANIFEST).read_text())
-    first = bad / manifest["files"][0]["path"]
-    if how == "no manifest":
-        (bad / MANIFEST).unlink()
-    elif how == "truncated":
-        first.write_bytes(first.read_bytes()[:200])
-    elif how == "missing file":
-        first.unlink()
-    elif how == "foreign parquet":
-        pq.write_table(pa.table({"x": [1, 2, 3]}), first)
-    elif how == "row count":
-        manifest["files"][0]["rows"] += 1
-        (bad / MANIFEST).write_text(json.dumps(manifest))
-    elif how == "shape":
-        manifest["settings"]["time_points"] = 34
-        (bad / MANIFEST).write_text(json.dumps(manifest))
-    elif how == "nan":
-        table = pq.read_table(first)
-        series = table.column("series").combine_chunks()
-        values = series.flatten().to_numpy().copy()
-        values[5] = np.nan
-        fixed = pa.ListArray.from_arrays(series.offsets, pa.array(values, pa.float32()))
-        pq.write_table(table.set_column(3, "series", fixed), first)
-    elif how == "manifest not json":
-        (bad / MANIFEST).write_text("{oops")
-    elif how in MANIFEST_DAMAGE:
-        (bad / MANIFEST).write_text(json.dumps(MANIFEST_DAMAGE[how](manifest)))
-    elif how in COLUMN_DAMAGE:
-        table = pq.read_table(first)
-        name, column = COLUMN_DAMAGE[how](table)
-        pq.write_table(table.set_column(table.schema.get_field_index(name), name, column), first)
-    return bad, first
 
 
 CASES = [("no manifest", f"no {MANIFEST}"), ("truncated", "not a readable raypd Parquet file"),

@@ -16,7 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raypd.config import load_config
-from raypd.train import dataset_dir, read_state
+from raypd.config import dataset_dir
+from raypd.train import read_state
 from tests.conftest import REPO, run_cli
 
 SMOKE = str(REPO / "tune_configs" / "smoke.yaml")

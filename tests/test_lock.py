@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from raypd.config import load_config
 from raypd.lock import STALE_SECONDS, hold
-from raypd.train import dataset_dir
+from raypd.config import dataset_dir
 from tests.conftest import REPO, run_cli
 
 SMOKE = str(REPO / "tune_configs" / "smoke.yaml")

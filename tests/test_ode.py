@@ -6,23 +6,8 @@ import pytest
 
 from raypd import ode
 from raypd.config import DataConfig
+from tests.conftest import TIMES, stable_draws
 from tests.reference import dop853_series, split, stable_one
-
-TIMES = np.linspace(0.0, 200.0, 201)
-
-
-def stable_draws(n, count, seed=0, mu_range=(-10.0, 0.0)):
-    """`count` draws from the default ranges that pass raypd's filter and stay bounded."""
-    cfg = DataConfig(n_actions=n, mu_range=mu_range)
-    lo, hi = cfg.bounds()
-    rng = np.random.default_rng(seed)
-    draws = lo + (hi - lo) * rng.random((count * 80, lo.size))
-    n_p = ode.num_params(n)
-    keep = draws[ode.is_stable(ode.Params.unpack(draws[:, :n_p], n))][: count * 2]
-    series, ok = ode.solve(keep[:, :n_p], keep[:, n_p:], TIMES, n, cfg.rtol, cfg.atol)
-    assert ok.sum() >= count
-    return keep[ok][:count, :n_p], keep[ok][:count, n_p:], series[ok][:count]
-
 
 def relative_errors(params, ic, series, n, **tol):
     out = []

@@ -13,7 +13,7 @@ from raypd.intervals import (DEFAULT_LEVEL, add_noise, calibrate_model, check_le
                              coverage, model_intervals)
 from raypd.refine import FitProblem, calibrate_refined, fit_series, noise_level, refine
 from tests.reference import dop853_series
-from tests.test_ode import TIMES, stable_draws
+from tests.conftest import TIMES, stable_draws
 
 N1 = DataConfig(n_actions=1, mu_range=(0.0, 0.0))  # the reference protocol: mu fixed to 0
 

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from raypd.config import load_config
 from raypd.dataset import load_dataset
 from raypd.report import make_report
-from raypd.train import dataset_dir
+from raypd.config import dataset_dir
 from raypd.tune import run_study
 from tests.conftest import REPO, run_cli, snapshot
 

@@ -21,9 +21,11 @@ from mlflow.tracking import MlflowClient
 from raypd.config import load_config
 from raypd.dataset import load_dataset
 from raypd.report import make_report
-from raypd.serve import SavedModel, file_digest
-from raypd.train import dataset_dir
-from raypd.tune import register_best, run_study
+from raypd.dataio import file_digest
+from raypd.serve import SavedModel
+from raypd.tracking import register_best
+from raypd.config import dataset_dir
+from raypd.tune import run_study
 from tests.conftest import REPO, free_port, run_cli, snapshot, stop_group
 
 SMOKE = str(REPO / "tune_configs" / "smoke.yaml")

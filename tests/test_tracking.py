@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raypd.config import load_config
-from raypd.train import dataset_dir
+from raypd.config import dataset_dir
 from tests.conftest import REPO, free_port, stop_group
 
 SMOKE = str(REPO / "tune_configs" / "smoke.yaml")
@@ -45,7 +45,7 @@ def test_a_tracking_server_that_is_still_starting_is_waited_for(tmp_path, capsys
     """`ray up` returns while the head's `mlflow server` is still starting, and the README's
     `ray job submit ... --tracking-uri` comes right after: raypd waits for it (one line), a
     bounded time, instead of refusing it."""
-    from raypd.tune import check_tracking_uri
+    from raypd.tracking import check_tracking_uri
 
     port = free_port()
     cli = Path(sys.executable).with_name("mlflow")
@@ -190,7 +190,7 @@ def test_a_study_whose_tracking_server_never_answers_ends_in_one_line_and_keeps_
     (RAYPD_TRACKING_WAIT_SECONDS), the study ends with a ValueError (exit 2, one line) and
     the results stay in the outbox for the next run."""
     from raypd import tracking
-    from raypd.tune import send_outbox
+    from raypd.tracking import send_outbox
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
@@ -251,7 +251,7 @@ def test_an_epoch_checkpointed_but_lost_before_tune_saw_it_reaches_mlflow_from_t
     from ray.tune.experiment import Trial
 
     from raypd import tracking
-    from raypd.tune import send_outbox
+    from raypd.tracking import send_outbox
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study_dir = tmp_path / "study"

@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from raypd.config import load_config
 from raypd.cluster import Capacity, NodeType, node_types_from_config
-from raypd.train import ddp_backend, use_gpu
+from raypd.cluster import use_gpu
+from raypd.train import ddp_backend
 from raypd.tune import TrialPlan, resolve, run_study, trial_resources
 from tests.conftest import REPO, run_cli, snapshot
 
