@@ -344,8 +344,95 @@ _E1, _E3, _E4, _E5, _E6, _E7 = 71 / 57600, -71 / 16695, 71 / 1920, -17253 / 3392
 
 
 @njit(cache=True)
+def _dormand_prince(p, n, sensitivities, times, rtol, atol, max_steps, z, K, y, series, jac):
+    """Integrate one sample from times[0] and observe it at every time: the stepper of both
+    solve() (sensitivities False) and solve_with_jacobian() (True).
+
+    The state z is x (2n), then, with sensitivities, S = dx/dtheta for the q = len(p) + 2n
+    targets (2n x q, row-major); it comes in holding the initial state. Each time k is
+    recorded into series (2n, T) and, with sensitivities, jac (2n, T, q); K (7, size), y
+    (size,) are scratch space, size = 2n (1 + q). Adaptive Dormand-Prince 5(4), RMS error
+    norm over x only (S follows x's steps), steps clipped to land exactly on each observation
+    time (no interpolation error enters the series). Returns False where x leaves |x| <=
+    DIVERGENCE_BOUND or the step size collapses (series is then garbage).
+
+    Callers pass n and sensitivities as constants, so numba compiles one stepper per pair.
+    Without sensitivities q = 0: the sensitivity code drops out and every loop over the state
+    has a fixed length and unrolls, which generation's speed depends on. (Measured with
+    numba 0.68: a run-time test of q in place of the flag, or S' in a function of its own
+    called from _derivative, each made solve_with_jacobian 10-19% slower at n=2.)
+    """
+    d = 2 * n
+    q = p.shape[0] + d if sensitivities else 0
+    size = d * (1 + q)
+    n_times = times.shape[0]
+    _record(p, n, q, sensitivities, z, series, jac, 0)
+    _derivative(p, n, q, sensitivities, z, K, 0)
+    t = times[0]
+    h = min(0.05, times[1] - times[0])
+    h_min = 1e-12 * max(1.0, abs(times[n_times - 1]))
+    k, steps = 1, 0
+    while k < n_times:
+        remaining = times[k] - t
+        hit = h >= remaining
+        hs = remaining if hit else h
+        for i in range(size):
+            y[i] = z[i] + hs * (_A21 * K[0, i])
+        _derivative(p, n, q, sensitivities, y, K, 1)
+        for i in range(size):
+            y[i] = z[i] + hs * (_A31 * K[0, i] + _A32 * K[1, i])
+        _derivative(p, n, q, sensitivities, y, K, 2)
+        for i in range(size):
+            y[i] = z[i] + hs * (_A41 * K[0, i] + _A42 * K[1, i] + _A43 * K[2, i])
+        _derivative(p, n, q, sensitivities, y, K, 3)
+        for i in range(size):
+            y[i] = z[i] + hs * (_A51 * K[0, i] + _A52 * K[1, i] + _A53 * K[2, i] + _A54 * K[3, i])
+        _derivative(p, n, q, sensitivities, y, K, 4)
+        for i in range(size):
+            y[i] = z[i] + hs * (_A61 * K[0, i] + _A62 * K[1, i] + _A63 * K[2, i] + _A64 * K[3, i]
+                                + _A65 * K[4, i])
+        _derivative(p, n, q, sensitivities, y, K, 5)
+        for i in range(size):  # the 5th-order solution; K[6] is its derivative (first same as last)
+            y[i] = z[i] + hs * (_B1 * K[0, i] + _B3 * K[2, i] + _B4 * K[3, i] + _B5 * K[4, i]
+                                + _B6 * K[5, i])
+        _derivative(p, n, q, sensitivities, y, K, 6)
+        err_sq = 0.0
+        for i in range(d):
+            e = hs * (_E1 * K[0, i] + _E3 * K[2, i] + _E4 * K[3, i] + _E5 * K[4, i] + _E6 * K[5, i]
+                      + _E7 * K[6, i])
+            e /= atol + rtol * max(abs(z[i]), abs(y[i]))
+            err_sq += e * e
+        err_sq /= d  # RMS norm, squared
+        accept = err_sq <= 1.0
+        factor = min(10.0, 0.9 * max(err_sq, 1e-20) ** -0.1)  # 0.9 err^(-1/5)
+        if not accept:
+            factor = min(factor, 1.0)
+        factor = max(0.2, factor)
+        # A step clipped to an observation says nothing about the step the dynamics allow.
+        h = max(h, hs * factor) if (accept and hit) else hs * factor
+        if accept:
+            for i in range(size):
+                z[i] = y[i]
+                K[0, i] = K[6, i]
+            if hit:
+                t = times[k]
+                _record(p, n, q, sensitivities, z, series, jac, k)
+                k += 1
+            else:
+                t += hs
+        steps += 1
+        largest = 0.0
+        for i in range(d):
+            largest = max(largest, abs(z[i]))
+        # written as "not (... <= ...)" so that NaN counts as failed too
+        if not (largest <= DIVERGENCE_BOUND) or not (h >= h_min) or steps >= max_steps:
+            return False
+    return True
+
+
+@njit(cache=True)
 def _rhs(p, n, x, K, stage):
-    """K[stage] = x' = [g - Pi a, u - Gamma a] with u = max(v, mu), a = max(m, 0)."""
+    """K[stage, :2n] = x' = [g - Pi a, u - Gamma a] with u = max(v, mu), a = max(m, 0)."""
     pi0, gamma0 = 2 * n, 2 * n + n * n
     for i in range(n):
         dv = p[i]
@@ -360,6 +447,7 @@ def _rhs(p, n, x, K, stage):
 
 @njit(cache=True)
 def _observe(p, n, x, series, k):
+    """series[:, k] = [u, a]."""
     for i in range(n):
         series[i, k] = max(x[i], p[n + i])
         series[n + i, k] = max(x[n + i], 0.0)
@@ -367,80 +455,14 @@ def _observe(p, n, x, series, k):
 
 @njit(cache=True)
 def _solve_one(p, x0, n, times, rtol, atol, max_steps, series, K, x, y):
-    """Integrate one sample from times[0] and observe it at every time into series (2n, T).
-
-    Adaptive Dormand-Prince 5(4), RMS error norm, steps clipped to land exactly on each
-    observation time (no interpolation error enters the series). Returns False where the
-    solution leaves |x| <= DIVERGENCE_BOUND or the step size collapses (series is then
-    garbage). K (7, 2n), x, y (2n,) are scratch space. n is a compile-time constant (the
-    entry points below pass it as a constant), so the loops over the state unroll.
-    """
-    d = 2 * n
-    n_times = times.shape[0]
-    for i in range(d):
+    """Integrate one sample (_dormand_prince on x alone) and observe it at every time into
+    series (2n, T); False where it diverged or the step size collapsed (series is then
+    garbage). K (7, 2n), x, y (2n,) are scratch space. n is a compile-time constant (the entry
+    points below pass it as a constant), so the loops over the state unroll."""
+    for i in range(2 * n):
         x[i] = x0[i]
-    _observe(p, n, x, series, 0)
-    _rhs(p, n, x, K, 0)
-    t = times[0]
-    h = min(0.05, times[1] - times[0])
-    h_min = 1e-12 * max(1.0, abs(times[n_times - 1]))
-    k, steps = 1, 0
-    while k < n_times:
-        remaining = times[k] - t
-        hit = h >= remaining
-        hs = remaining if hit else h
-        for i in range(d):
-            y[i] = x[i] + hs * (_A21 * K[0, i])
-        _rhs(p, n, y, K, 1)
-        for i in range(d):
-            y[i] = x[i] + hs * (_A31 * K[0, i] + _A32 * K[1, i])
-        _rhs(p, n, y, K, 2)
-        for i in range(d):
-            y[i] = x[i] + hs * (_A41 * K[0, i] + _A42 * K[1, i] + _A43 * K[2, i])
-        _rhs(p, n, y, K, 3)
-        for i in range(d):
-            y[i] = x[i] + hs * (_A51 * K[0, i] + _A52 * K[1, i] + _A53 * K[2, i] + _A54 * K[3, i])
-        _rhs(p, n, y, K, 4)
-        for i in range(d):
-            y[i] = x[i] + hs * (_A61 * K[0, i] + _A62 * K[1, i] + _A63 * K[2, i] + _A64 * K[3, i]
-                                + _A65 * K[4, i])
-        _rhs(p, n, y, K, 5)
-        for i in range(d):  # the 5th-order solution; K[6] is its derivative (first same as last)
-            y[i] = x[i] + hs * (_B1 * K[0, i] + _B3 * K[2, i] + _B4 * K[3, i] + _B5 * K[4, i]
-                                + _B6 * K[5, i])
-        _rhs(p, n, y, K, 6)
-        err_sq = 0.0
-        for i in range(d):
-            e = hs * (_E1 * K[0, i] + _E3 * K[2, i] + _E4 * K[3, i] + _E5 * K[4, i] + _E6 * K[5, i]
-                      + _E7 * K[6, i])
-            e /= atol + rtol * max(abs(x[i]), abs(y[i]))
-            err_sq += e * e
-        err_sq /= d  # RMS norm, squared
-        accept = err_sq <= 1.0
-        factor = min(10.0, 0.9 * max(err_sq, 1e-20) ** -0.1)  # 0.9 err^(-1/5)
-        if not accept:
-            factor = min(factor, 1.0)
-        factor = max(0.2, factor)
-        # A step clipped to an observation says nothing about the step the dynamics allow.
-        h = max(h, hs * factor) if (accept and hit) else hs * factor
-        if accept:
-            for i in range(d):
-                x[i] = y[i]
-                K[0, i] = K[6, i]
-            if hit:
-                t = times[k]
-                _observe(p, n, x, series, k)
-                k += 1
-            else:
-                t += hs
-        steps += 1
-        largest = 0.0
-        for i in range(d):
-            largest = max(largest, abs(x[i]))
-        # written as "not (... <= ...)" so that NaN counts as failed too
-        if not (largest <= DIVERGENCE_BOUND) or not (h >= h_min) or steps >= max_steps:
-            return False
-    return True
+    no_jac = np.empty((0, 0, 0))  # q = 0: nothing is written to it
+    return _dormand_prince(p, n, False, times, rtol, atol, max_steps, x, K, y, series, no_jac)
 
 
 @njit(cache=True)
@@ -491,25 +513,20 @@ def solve(
 # jump conditions at switches; df/dx is taken on the side the state is on. One integration
 # gives the series and its exact Jacobian (up to the solver's tolerance), where finite
 # differences would need q + 1 solves, each with its own step sequence, whose differences
-# are noise at small perturbations. A separate integrator from _solve_one (the same
-# Dormand-Prince tableau): the state there has a compile-time length and unrolls, which
-# generation's speed depends on.
+# are noise at small perturbations. solve()'s stepper (_dormand_prince) integrates z = [x, S]
+# with sensitivities on: _derivative and _record below are its right-hand side and
+# observations, x's (_rhs, _observe) and then S's.
 
 
 @njit(cache=True)
-def _rhs_sens(p, n, q, z, K, stage):
-    """K[stage] = z' for z = [x (2n), S (2n x q, row-major)]."""
+def _derivative(p, n, q, sensitivities, z, K, stage):
+    """K[stage] = z' for z = [x (2n), S (2n x q, row-major)]: x' = f(x), then (with
+    sensitivities) S' = (df/dx) S + df/dtheta."""
+    _rhs(p, n, z, K, stage)
+    if not sensitivities:
+        return
     d = 2 * n
     pi0, gamma0 = 2 * n, 2 * n + n * n
-    for i in range(n):
-        dv = p[i]
-        dm = max(z[i], p[n + i])
-        for j in range(n):
-            a_j = max(z[n + j], 0.0)
-            dv -= p[pi0 + i * n + j] * a_j
-            dm -= p[gamma0 + i * n + j] * a_j
-        K[stage, i] = dv
-        K[stage, n + i] = dm
     for i in range(n):
         row_v, row_m = d + i * q, d + (n + i) * q
         desire_binds = z[i] > p[n + i]  # u_i = v_i; else u_i = mu_i
@@ -533,11 +550,14 @@ def _rhs_sens(p, n, q, z, K, stage):
 
 
 @njit(cache=True)
-def _observe_sens(p, n, q, z, series, jac, k):
+def _record(p, n, q, sensitivities, z, series, jac, k):
+    """series[:, k] = [u, a], then (with sensitivities) jac[:, k] = their derivatives with
+    respect to the targets."""
+    _observe(p, n, z, series, k)
+    if not sensitivities:
+        return
     d = 2 * n
     for i in range(n):
-        series[i, k] = max(z[i], p[n + i])
-        series[n + i, k] = max(z[n + i], 0.0)
         desire_binds, effort_on = z[i] > p[n + i], z[n + i] > 0.0
         for c in range(q):
             jac[i, k, c] = z[d + i * q + c] if desire_binds else 0.0
@@ -548,8 +568,7 @@ def _observe_sens(p, n, q, z, series, jac, k):
 
 @njit(cache=True)
 def _solve_sens_one(p, x0, n, times, rtol, atol, max_steps, series, jac):
-    """_solve_one's integrator on [x, S]: series (2n, T) and jac (2n, T, q) of one sample.
-    The step is controlled by the error of x only (the sensitivities follow its steps)."""
+    """_solve_one with the sensitivities: series (2n, T) and jac (2n, T, q) of one sample."""
     d = 2 * n
     q = p.shape[0] + d
     size = d * (1 + q)
@@ -557,67 +576,7 @@ def _solve_sens_one(p, x0, n, times, rtol, atol, max_steps, series, jac):
     for i in range(d):
         z[i] = x0[i]
         z[d + i * q + p.shape[0] + i] = 1.0  # dx(0)/dx0 = I
-    n_times = times.shape[0]
-    _observe_sens(p, n, q, z, series, jac, 0)
-    _rhs_sens(p, n, q, z, K, 0)
-    t = times[0]
-    h = min(0.05, times[1] - times[0])
-    h_min = 1e-12 * max(1.0, abs(times[n_times - 1]))
-    k, steps = 1, 0
-    while k < n_times:
-        remaining = times[k] - t
-        hit = h >= remaining
-        hs = remaining if hit else h
-        for i in range(size):
-            y[i] = z[i] + hs * (_A21 * K[0, i])
-        _rhs_sens(p, n, q, y, K, 1)
-        for i in range(size):
-            y[i] = z[i] + hs * (_A31 * K[0, i] + _A32 * K[1, i])
-        _rhs_sens(p, n, q, y, K, 2)
-        for i in range(size):
-            y[i] = z[i] + hs * (_A41 * K[0, i] + _A42 * K[1, i] + _A43 * K[2, i])
-        _rhs_sens(p, n, q, y, K, 3)
-        for i in range(size):
-            y[i] = z[i] + hs * (_A51 * K[0, i] + _A52 * K[1, i] + _A53 * K[2, i] + _A54 * K[3, i])
-        _rhs_sens(p, n, q, y, K, 4)
-        for i in range(size):
-            y[i] = z[i] + hs * (_A61 * K[0, i] + _A62 * K[1, i] + _A63 * K[2, i] + _A64 * K[3, i]
-                                + _A65 * K[4, i])
-        _rhs_sens(p, n, q, y, K, 5)
-        for i in range(size):
-            y[i] = z[i] + hs * (_B1 * K[0, i] + _B3 * K[2, i] + _B4 * K[3, i] + _B5 * K[4, i]
-                                + _B6 * K[5, i])
-        _rhs_sens(p, n, q, y, K, 6)
-        err_sq = 0.0
-        for i in range(d):
-            e = hs * (_E1 * K[0, i] + _E3 * K[2, i] + _E4 * K[3, i] + _E5 * K[4, i] + _E6 * K[5, i]
-                      + _E7 * K[6, i])
-            e /= atol + rtol * max(abs(z[i]), abs(y[i]))
-            err_sq += e * e
-        err_sq /= d
-        accept = err_sq <= 1.0
-        factor = min(10.0, 0.9 * max(err_sq, 1e-20) ** -0.1)
-        if not accept:
-            factor = min(factor, 1.0)
-        factor = max(0.2, factor)
-        h = max(h, hs * factor) if (accept and hit) else hs * factor
-        if accept:
-            for i in range(size):
-                z[i] = y[i]
-                K[0, i] = K[6, i]
-            if hit:
-                t = times[k]
-                _observe_sens(p, n, q, z, series, jac, k)
-                k += 1
-            else:
-                t += hs
-        steps += 1
-        largest = 0.0
-        for i in range(d):
-            largest = max(largest, abs(z[i]))
-        if not (largest <= DIVERGENCE_BOUND) or not (h >= h_min) or steps >= max_steps:
-            return False
-    return True
+    return _dormand_prince(p, n, True, times, rtol, atol, max_steps, z, K, y, series, jac)
 
 
 @njit(cache=True)

@@ -115,127 +115,200 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
     window, and so on to the whole. Long oscillating transients (small Gamma) put local minima
     one period apart in the whole series' residual; over a short window the phase cannot
     slip, and each longer window starts from a fit that is already in phase."""
-    observed = np.asarray(observed, dtype=np.float64)
+    ctx = _FitContext.of(observed, starts, problem)
+    best_x, best_rms, tried = _multistart(ctx, _start_points(ctx, starts, restarts, seed))
     free = problem.free
-    weights = 1.0 / channel_scale(observed)[:, None]
-    threshold = max(IDENTIFIED_RESIDUAL, NOISE_FACTOR * float(noise_level(observed)))
-    lo, hi = problem.lower[free], problem.upper[free]
-    base = np.clip(np.asarray(starts[0], dtype=np.float64), problem.lower, problem.upper)
-    steps = observed.shape[1]
-    windows = [max(8, int(round(w * steps))) for w in WINDOWS if round(w * steps) < steps]
-
-    def fitted(start: np.ndarray, window: int) -> np.ndarray:
-        """The least-squares fit of the first `window` time points from `start` (free targets)."""
-        from scipy.optimize import least_squares
-
-        evaluate = _residuals(observed[:, :window], weights, problem, base, window)
-        x0 = np.clip(start, lo, hi)
-        x0 = np.where(x0 <= lo, lo + 1e-9 * (hi - lo), np.where(x0 >= hi, hi - 1e-9 * (hi - lo), x0))
-        try:
-            return least_squares(lambda x: evaluate(x)[0], x0, jac=lambda x: evaluate(x)[1], bounds=(lo, hi),
-                                 method="trf", x_scale="jac", max_nfev=MAX_NFEV, ftol=1e-12, xtol=1e-12,
-                                 gtol=1e-12).x
-        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
-            return x0
-
-    whole = _residuals(observed, weights, problem, base, steps)
-
-    def rms_of(x) -> float:
-        r = whole(x)[0]
-        return float(np.sqrt(np.mean(r**2))) if np.isfinite(r).all() else np.inf
-
-    def explains(x, rms: float) -> bool:
-        """Fitted exactly, or to the series' noise level with a residual that looks like noise."""
-        return rms <= IDENTIFIED_RESIDUAL or (rms <= threshold and white(whole(x)[0], observed.shape))
-
-    def two_sided_reach(x) -> np.ndarray:
-        """Per free target: how far its whole range moves the residual, from a step of
-        KINK_STEP of its range each way, the smaller of the two: where the fit sits on a kink
-        of max() (v(0) = mu while the desire never shows: raising it shows at t = 0, lowering
-        it changes nothing), the side that moves nothing says what the series can tell."""
-        r0 = whole(x)[0].copy()
-        out = np.zeros(x.size)
-        for j in range(x.size):
-            moved = []
-            for sign in (1.0, -1.0):
-                y = x.copy()
-                y[j] += sign * KINK_STEP * (hi[j] - lo[j])
-                moved.append(float(np.linalg.norm(whole(y)[0] - r0)))
-            out[j] = min(moved) / KINK_STEP if np.isfinite(moved).all() else 0.0
-        return out
-
-    rng = np.random.default_rng(seed)
-    spread = 0.25 * (problem.upper - problem.lower)[free]
-    candidates = [np.clip(np.asarray(s, dtype=np.float64)[free], lo, hi) for s in starts]
-    candidates += [np.clip(base[free] + rng.normal(size=lo.size) * spread, lo, hi) for _ in range(restarts)]
-    best_rms, best_x = rms_of(base[free]), None  # the model's estimate, kept unless a fit does better
-    tried = 0
-    for start in candidates:
-        tried += 1
-        for attempt in ("whole", "continuation"):
-            if attempt == "whole":
-                x = fitted(start, steps)
-            else:
-                x = start
-                for window in windows + [steps]:
-                    x = fitted(x, window)
-            rms = rms_of(x)
-            if rms < best_rms:
-                best_rms, best_x = rms, x
-            if explains(x, rms):
-                break
-        if best_x is not None and explains(best_x, best_rms):
-            break
-    se = np.full(base.size, np.nan)
+    se = np.full(ctx.base.size, np.nan)
     se[~free] = 0.0  # a fixed target's value is known
     determined = ~free  # the free targets the series determines are set below
     identified = False
-    if best_x is not None and explains(best_x, best_rms):
-        r, J = whole(best_x)
-        _, singular, vt = np.linalg.svd(J, full_matrices=False)
-        if singular.size and singular[-1] > RANK_TOLERANCE * singular[0]:
+    if best_x is not None and _explains(ctx, best_x, best_rms):
+        r, J = ctx.whole(best_x)
+        if _full_rank(J):
             identified = True
             se[free] = _standard_errors(r, J)
-            determined = np.ones(base.size, dtype=bool)
+            determined = np.ones(ctx.base.size, dtype=bool)
         else:
-            # The series fixes some targets and says (next to) nothing of others: v(0), g and
-            # Pi while the desire stays below mu, Pi and Gamma while the effort stays at 0.
-            # Where the optimiser left those is arbitrary (v(0) = 0 fits a desire that never
-            # shows as well as -4 does); the model's estimate has seen many such series. Each
-            # target whose whole range moves the residual less than WEAK of what the most
-            # telling one does takes the model's value, one at a time, while the fit holds.
-            # The fit often sits on a kink of max(): the optimiser pushed the desire down until
-            # it just stays below mu, and J's columns are one-sided there (g, Pi and v(0) seem
-            # to matter, as does anything that raises the desire, Gamma and m(0) included). A
-            # target moves the residual both ways or it is not determined.
-            # Nor is one whose whole range moves the relative RMS residual less than the
-            # tolerance the fit is held to (a series that shows nothing: every target).
-            reach = two_sided_reach(best_x)
-            weak = (reach <= WEAK * reach.max()) | (reach / np.sqrt(observed.size) <= threshold)
-            for j in np.argsort(reach, kind="stable"):
-                if not weak[j]:
-                    break
-                candidate = best_x.copy()
-                candidate[j] = min(max(base[free][j], lo[j]), hi[j])
-                rms = rms_of(candidate)
-                if explains(candidate, rms):
-                    best_rms, best_x = rms, candidate
-            # The others are determined, unless they only move the residual together (a
-            # direction of their columns the series cannot see): their standard errors are the
-            # Gauss-Newton ones of the fit with the weak targets held where they are.
-            r, J = whole(best_x)
-            kept = _independent(J * (hi - lo), ~weak)
-            if kept.any():
-                se_free = np.full(kept.size, np.nan)
-                se_free[kept] = _standard_errors(r, J[:, kept])
-                kept &= np.isfinite(se_free)
-                se[free] = np.where(kept, se_free, np.nan)
-            determined[free] = kept
-    theta = base.copy()
+            best_x, best_rms, weak = _hold_weak_targets_at_the_model(ctx, best_x, best_rms)
+            se[free], determined[free] = _determined_targets(ctx, best_x, weak)
+    theta = ctx.base.copy()
     if best_x is not None:
         theta[free] = best_x
     return Fit(estimate=theta, residual=best_rms, identified=identified, starts=tried, se=se,
                determined=determined)
+
+
+@dataclass(frozen=True)
+class _FitContext:
+    """What every fit of one series shares: the series (2n, T), its channel weights, the RMS
+    residual that explains it (`threshold`), the free targets' bounds (lo, hi), the model's
+    estimate of every target (`base`, clipped to the bounds: the fixed targets stay there)
+    and the weighted residual over the whole series (`whole`: free targets -> (residual,
+    Jacobian), _residuals)."""
+
+    observed: np.ndarray
+    problem: FitProblem
+    weights: np.ndarray
+    threshold: float
+    lo: np.ndarray
+    hi: np.ndarray
+    base: np.ndarray
+    whole: object
+
+    @classmethod
+    def of(cls, observed: np.ndarray, starts: np.ndarray, problem: FitProblem) -> _FitContext:
+        observed = np.asarray(observed, dtype=np.float64)
+        weights = 1.0 / channel_scale(observed)[:, None]
+        base = np.clip(np.asarray(starts[0], dtype=np.float64), problem.lower, problem.upper)
+        return cls(observed=observed, problem=problem, weights=weights,
+                   threshold=max(IDENTIFIED_RESIDUAL, NOISE_FACTOR * float(noise_level(observed))),
+                   lo=problem.lower[problem.free], hi=problem.upper[problem.free], base=base,
+                   whole=_residuals(observed, weights, problem, base, observed.shape[1]))
+
+
+def _start_points(ctx: _FitContext, starts: np.ndarray, restarts: int, seed: int) -> list[np.ndarray]:
+    """The starts' free targets (clipped to the bounds), then `restarts` perturbed restarts
+    around the model's estimate (normal, a quarter of each range; seeded)."""
+    free = ctx.problem.free
+    rng = np.random.default_rng(seed)
+    spread = 0.25 * (ctx.problem.upper - ctx.problem.lower)[free]
+    points = [np.clip(np.asarray(s, dtype=np.float64)[free], ctx.lo, ctx.hi) for s in starts]
+    points += [np.clip(ctx.base[free] + rng.normal(size=ctx.lo.size) * spread, ctx.lo, ctx.hi)
+               for _ in range(restarts)]
+    return points
+
+
+def _multistart(ctx: _FitContext, points: list[np.ndarray]) -> tuple[np.ndarray | None, float, int]:
+    """Fit from each start in turn, to the whole series and, if that does not explain it, by
+    continuation, until a fit explains the series. Returns the fit with the smallest RMS
+    residual (None where none beats the model's estimate), that residual and the starts tried."""
+    # the model's estimate, kept unless a fit does better
+    best_rms, best_x = _rms(ctx, ctx.base[ctx.problem.free]), None
+    tried = 0
+    for start in points:
+        tried += 1
+        for attempt in (_fit_whole, _fit_by_continuation):
+            x = attempt(ctx, start)
+            rms = _rms(ctx, x)
+            if rms < best_rms:
+                best_rms, best_x = rms, x
+            if _explains(ctx, x, rms):
+                break
+        if best_x is not None and _explains(ctx, best_x, best_rms):
+            break
+    return best_x, best_rms, tried
+
+
+def _fit_whole(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
+    """The least-squares fit of the whole series from `start`."""
+    return _fitted(ctx, start, ctx.observed.shape[1])
+
+
+def _fit_by_continuation(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
+    """The fit of the first WINDOWS[0] of the series from `start`, that fit's to the next
+    window, and so on to the whole series (windows of at least 8 points)."""
+    steps = ctx.observed.shape[1]
+    windows = [max(8, int(round(w * steps))) for w in WINDOWS if round(w * steps) < steps]
+    x = start
+    for window in windows + [steps]:
+        x = _fitted(ctx, x, window)
+    return x
+
+
+def _fitted(ctx: _FitContext, start: np.ndarray, window: int) -> np.ndarray:
+    """The least-squares fit of the first `window` time points from `start` (free targets,
+    nudged inside the bounds); the nudged start where the optimiser fails."""
+    from scipy.optimize import least_squares
+
+    lo, hi = ctx.lo, ctx.hi
+    evaluate = _residuals(ctx.observed[:, :window], ctx.weights, ctx.problem, ctx.base, window)
+    x0 = np.clip(start, lo, hi)
+    x0 = np.where(x0 <= lo, lo + 1e-9 * (hi - lo), np.where(x0 >= hi, hi - 1e-9 * (hi - lo), x0))
+    try:
+        return least_squares(lambda x: evaluate(x)[0], x0, jac=lambda x: evaluate(x)[1], bounds=(lo, hi),
+                             method="trf", x_scale="jac", max_nfev=MAX_NFEV, ftol=1e-12, xtol=1e-12,
+                             gtol=1e-12).x
+    except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+        return x0
+
+
+def _rms(ctx: _FitContext, x: np.ndarray) -> float:
+    """The RMS residual over the whole series at x (free targets); inf where the solve fails."""
+    r = ctx.whole(x)[0]
+    return float(np.sqrt(np.mean(r**2))) if np.isfinite(r).all() else np.inf
+
+
+def _explains(ctx: _FitContext, x: np.ndarray, rms: float) -> bool:
+    """Fitted exactly, or to the series' noise level with a residual that looks like noise."""
+    return rms <= IDENTIFIED_RESIDUAL or (rms <= ctx.threshold and white(ctx.whole(x)[0], ctx.observed.shape))
+
+
+def _full_rank(J: np.ndarray) -> bool:
+    """J's smallest singular value is above RANK_TOLERANCE of its largest."""
+    _, singular, _ = np.linalg.svd(J, full_matrices=False)
+    return bool(singular.size and singular[-1] > RANK_TOLERANCE * singular[0])
+
+
+def _hold_weak_targets_at_the_model(ctx: _FitContext, x: np.ndarray, rms: float
+                                    ) -> tuple[np.ndarray, float, np.ndarray]:
+    """A fit that explains the series with a rank-deficient Jacobian: the series fixes some
+    targets and says (next to) nothing of others (v(0), g and Pi while the desire stays below
+    mu, Pi and Gamma while the effort stays at 0). Where the optimiser left those is arbitrary
+    (v(0) = 0 fits a desire that never shows as well as -4 does); the model's estimate has seen
+    many such series. Each weak target, least telling first, takes the model's value, one at
+    a time, while the fit still explains the series. Returns the fit, its RMS residual and
+    which free targets are weak.
+
+    Weak: its whole range moves the residual less than WEAK of what the most telling target's
+    does, or moves the relative RMS residual less than the tolerance the fit is held to (a
+    series that shows nothing: every target). The fit often sits on a kink of max(): the
+    optimiser pushed the desire down until it just stays below mu, and J's columns are
+    one-sided there (g, Pi and v(0) seem to matter, as does anything that raises the desire,
+    Gamma and m(0) included): a target moves the residual both ways or it is weak
+    (_two_sided_reach)."""
+    reach = _two_sided_reach(ctx, x)
+    weak = (reach <= WEAK * reach.max()) | (reach / np.sqrt(ctx.observed.size) <= ctx.threshold)
+    model = ctx.base[ctx.problem.free]
+    for j in np.argsort(reach, kind="stable"):
+        if not weak[j]:
+            break
+        candidate = x.copy()
+        candidate[j] = min(max(model[j], ctx.lo[j]), ctx.hi[j])
+        candidate_rms = _rms(ctx, candidate)
+        if _explains(ctx, candidate, candidate_rms):
+            rms, x = candidate_rms, candidate
+    return x, rms, weak
+
+
+def _two_sided_reach(ctx: _FitContext, x: np.ndarray) -> np.ndarray:
+    """Per free target: how far its whole range moves the residual, from a step of
+    KINK_STEP of its range each way, the smaller of the two: where the fit sits on a kink
+    of max() (v(0) = mu while the desire never shows: raising it shows at t = 0, lowering
+    it changes nothing), the side that moves nothing says what the series can tell."""
+    r0 = ctx.whole(x)[0].copy()
+    out = np.zeros(x.size)
+    for j in range(x.size):
+        moved = []
+        for sign in (1.0, -1.0):
+            y = x.copy()
+            y[j] += sign * KINK_STEP * (ctx.hi[j] - ctx.lo[j])
+            moved.append(float(np.linalg.norm(ctx.whole(y)[0] - r0)))
+        out[j] = min(moved) / KINK_STEP if np.isfinite(moved).all() else 0.0
+    return out
+
+
+def _determined_targets(ctx: _FitContext, x: np.ndarray, weak: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The free targets a rank-deficient fit determines, and their standard errors (NaN for
+    the others): the targets that are not weak, unless they only move the residual together
+    (a direction of their columns the series cannot see, _independent); their standard
+    errors are the Gauss-Newton ones of the fit with the weak targets held where they are."""
+    r, J = ctx.whole(x)
+    kept = _independent(J * (ctx.hi - ctx.lo), ~weak)
+    se = np.full(kept.size, np.nan)
+    if kept.any():
+        se[kept] = _standard_errors(r, J[:, kept])
+        kept &= np.isfinite(se)
+    return np.where(kept, se, np.nan), kept
 
 
 def _standard_errors(r: np.ndarray, J: np.ndarray) -> np.ndarray:
