@@ -296,11 +296,9 @@ def check_tracking_uri(uri: str) -> None:
 def send_outbox(tracking_uri: str, name: str, instance: str | None, study_dir: Path,
                 trial_histories: dict | None = None) -> None:
     """Wait (up to TRACKING_WAIT_SECONDS) until MLflow holds every result of the study's outbox
-    (raypd.tracking), and every epoch of `trial_histories` (trial_id -> its epochs' metrics) its
+    (above), and every epoch of `trial_histories` (trial_id -> its epochs' metrics) its
     run lacks; a ValueError if the tracking server never answers (the outbox stays)."""
-    from raypd import tracking
-
-    queue = tracking.sender(tracking_uri, f"raypd-{name}", instance, study_dir / OUTBOX_FILE)
+    queue = sender(tracking_uri, f"raypd-{name}", instance, study_dir / OUTBOX_FILE)
     now = int(time.time() * 1000)
     for trial_id, history in (trial_histories or {}).items():
         queue.put(["history", trial_id, history, now])

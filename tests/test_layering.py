@@ -36,11 +36,15 @@ def imports(module: str) -> list[tuple[str, str]]:
             out += [(node.module.split(".")[1], alias.name) for alias in node.names]
         elif isinstance(node, ast.Import):
             out += [(alias.name.split(".")[1], "") for alias in node.names if alias.name.startswith("raypd.")]
-    return [(target, name) for target, name in out if target != module]
+    return out
 
 
 def arrows() -> dict[str, set[str]]:
     return {module: {target for target, _ in imports(module)} for module in modules()}
+
+
+def test_no_module_imports_itself():
+    assert not [m for m, targets in arrows().items() if m in targets]
 
 
 def test_every_module_has_a_floor():
