@@ -103,17 +103,56 @@ class DataConfig:
 RANGE_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name.endswith("_range"))
 
 
+FAMILIES = ("cnn", "resnet")  # model.family (raypd.model)
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+NORMS = ("none", "batch", "layer")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "onecycle")
+
+# Keys that belong to one value of another key (a family, an optimiser, a schedule): a study
+# samples them only where that value is chosen (search.space: `when`).
+OWNED_KEYS = {
+    "model.filters": ("model.family", "cnn"),
+    "model.kernel_sizes": ("model.family", "cnn"),
+    "model.blocks": ("model.family", "resnet"),
+    "model.width": ("model.family", "resnet"),
+    "model.kernel": ("model.family", "resnet"),
+    "model.dilation": ("model.family", "resnet"),
+    "train.momentum": ("train.optimizer", "sgd"),
+    "train.warmup": ("train.schedule", "onecycle"),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The 1d CNN: conv blocks (Conv1d 'same' -> ReLU -> MaxPool1d(2)), global average
-    pooling, dropout, hidden Linear + ReLU layers, a linear output layer."""
+    """The model (raypd.model). family cnn, the notebook's: conv blocks (Conv1d 'same' ->
+    activation -> MaxPool1d(2)), one per entry of filters. family resnet: a stem conv, then
+    `blocks` residual blocks of two convs (the first half of `width` channels, the rest of
+    2 x width; block i dilated by dilation**i), pooling between blocks. Both: global average
+    pooling, dropout, hidden Linear + activation layers, a linear output layer."""
 
+    family: str = "cnn"
+    activation: str = "relu"
+    norm: str = "none"  # after each conv: none, batch (BatchNorm1d), layer (GroupNorm(1, C))
+    # family cnn
     filters: list[int] = dataclasses.field(default_factory=lambda: [64])
     kernel_sizes: list[int] = dataclasses.field(default_factory=lambda: [3])
+    # family resnet
+    blocks: int = 4
+    width: int = 64
+    kernel: int = 3
+    dilation: int = 1
+    # both
     hidden: list[int] = dataclasses.field(default_factory=lambda: [32])
     dropout: float = 0.3
+    # n >= 2: predict as the mean over the n! relabellings of the actions (each prediction
+    # relabelled back): in evaluation, raypd.predict and the served model alike
+    average_relabellings: bool = False
 
     def validate(self) -> ModelConfig:
+        for key, allowed in (("family", FAMILIES), ("activation", ACTIVATIONS), ("norm", NORMS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key} must be one of {', '.join(allowed)} (got {getattr(self, key)!r})")
         if not self.filters:
             raise ValueError("model.filters must list at least one conv layer")
         if len(self.filters) != len(self.kernel_sizes):
@@ -122,6 +161,9 @@ class ModelConfig:
         for name in ("filters", "kernel_sizes", "hidden"):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"model.{name} must hold integers >= 1 (got {getattr(self, name)})")
+        for name in ("blocks", "width", "kernel", "dilation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
         return self
@@ -132,11 +174,20 @@ class TrainConfig:
     """Optimisation and scaling. num_workers 0 runs the loop in the calling process (Ray
     Train's local mode); use_gpu None means: use GPUs when the cluster has them."""
 
-    lr: float = 0.002
+    lr: float = 0.002  # the peak with schedule onecycle
+    optimizer: str = "adam"  # adam, adamw (decoupled weight decay), sgd (with momentum)
+    momentum: float = 0.9  # optimizer sgd
+    # the learning rate over the epochs (stepped once an epoch, over train.epochs): none,
+    # cosine (annealed to 0), onecycle (rises over the first `warmup` share, then anneals)
+    schedule: str = "none"
+    warmup: float = 0.3  # schedule onecycle
     epochs: int = 200
     batch_size: int = 32
     patience: int = 20
     weight_decay: float = 0.0
+    # n >= 2: train on each sample under a random relabelling of its actions (its channels
+    # and targets permuted together; a new draw every epoch)
+    relabel: bool = False
     grad_clip: float = 1.0
     num_workers: int = 1
     use_gpu: bool | None = None
@@ -166,6 +217,12 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         checks = [
             (self.lr > 0, f"train.lr must be > 0 (got {self.lr})"),
+            (self.optimizer in OPTIMIZERS,
+             f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})"),
+            (0 <= self.momentum < 1, f"train.momentum must be in [0, 1) (got {self.momentum})"),
+            (self.schedule in SCHEDULES,
+             f"train.schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})"),
+            (0 < self.warmup < 1, f"train.warmup must be a share in (0, 1) (got {self.warmup})"),
             (self.epochs >= 1, f"train.epochs must be >= 1 (got {self.epochs})"),
             (self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})"),
             (self.patience >= 1, f"train.patience must be >= 1 (got {self.patience})"),
@@ -232,10 +289,12 @@ class SearchConfig:
                                      f"(got {name!r})")
         for name, spec in self.space.items():
             where = f"search.space.{name}"
-            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            kinds = [k for k in spec if k != "when"] if isinstance(spec, dict) else []
+            if len(kinds) != 1 or kinds[0] not in SPACE_KINDS:
                 raise ValueError(f"{where} must be one of {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
-                                 f"{{int: [lo, hi, step]}}, {{choice: [...]}} (got {spec!r})")
-            kind, args = next(iter(spec.items()))
+                                 f"{{int: [lo, hi, step]}}, {{choice: [...]}}, with an optional "
+                                 f"when: {{KEY: VALUE}} (got {spec!r})")
+            kind, args, _ = space_entry(spec)
             sizes = SPACE_KINDS[kind]
             if not isinstance(args, list) or not args or (
                     sizes is not None and len(args) not in (sizes if isinstance(sizes, tuple) else (sizes,))):
@@ -250,6 +309,11 @@ class SearchConfig:
                     raise ValueError(f"{where}: int bounds and step must be integers (got {args!r})")
                 if kind == "int" and len(args) == 3 and args[2] < 1:
                     raise ValueError(f"{where}: int step must be >= 1 (got {args!r})")
+            elif not all(v is None or isinstance(v, (bool, int, float, str)) for v in args):
+                raise ValueError(f"{where}: choice values must be numbers, text, true/false or null "
+                                 f"(got {args!r}); make a list from a choice with search.derive")
+        for name, spec in self.space.items():
+            self.check_when(name, spec)
         variables = {n for n in self.space if "." not in n}
         for key, spec in self.derive.items():
             where = f"search.derive.{key}"
@@ -260,6 +324,42 @@ class SearchConfig:
                 raise ValueError(f"{where}: repeat needs [value, VARIABLE] with VARIABLE one of the space's "
                                  f"plain names ({', '.join(sorted(variables)) or 'none'}) (got {args!r})")
         return self
+
+
+    def check_when(self, name: str, spec: dict) -> None:
+        """A condition names one choice of the space that has no condition itself, and values
+        among its choices."""
+        when = spec.get("when")
+        if when is None:
+            return
+        where = f"search.space.{name}.when"
+        unconditional = [n for n, s in self.space.items() if "when" not in s and next(iter(s)) == "choice"]
+        if not isinstance(when, dict) or len(when) != 1:
+            raise ValueError(f"{where} must be {{KEY: VALUE}} or {{KEY: [VALUE, ...]}} with KEY a choice of the "
+                             f"space ({', '.join(unconditional) or 'the space has none'}) (got {when!r})")
+        (key, values), = when.items()
+        if key not in unconditional:
+            raise ValueError(f"{where}: {key!r} is not a choice of the space without a condition of its own "
+                             f"(conditions may name: {', '.join(unconditional) or 'none: the space has no choice'})")
+        choices = space_entry(self.space[key])[1]
+        for value in values if isinstance(values, list) else [values]:
+            if value not in choices:
+                raise ValueError(f"{where}: {key} is never {value!r} (its choices: "
+                                 f"{', '.join(map(str, choices))})")
+
+
+def space_entry(spec: dict) -> tuple[str, list, dict | None]:
+    """A search.space entry's kind, arguments and condition (`when`, or None)."""
+    kind = next(k for k in spec if k != "when")
+    return kind, spec[kind], spec.get("when")
+
+
+def condition_holds(when: dict | None, params: dict) -> bool:
+    """Whether a space entry with condition `when` is sampled, given the values sampled so far."""
+    if when is None:
+        return True
+    (key, values), = when.items()
+    return key in params and params[key] in (values if isinstance(values, list) else [values])
 
 
 @dataclass(frozen=True)
@@ -279,8 +379,49 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.search.validate()
+        check_searched_keys(self)
         check_split(self.data.samples, self.train.split, "data.samples", self.train.calibration)
         return self
+
+
+def check_searched_keys(config: Config) -> None:
+    """Every dotted name of the space is a config key, and a key that belongs to one family
+    (optimiser, schedule: OWNED_KEYS) is searched only where that value is: under a condition
+    on it when the study searches its owner, else in a study that fixes the owner to it."""
+    search = config.search
+    hints = typing.get_type_hints(Config)
+    sections = {name: {f.name for f in dataclasses.fields(hints[name])} for name in ("data", "model", "train")}
+    for key in [*search.space, *search.derive]:
+        section, _, field = key.partition(".")
+        where = f"search.{'space' if key in search.space else 'derive'}.{key}"
+        if not field:
+            continue  # a variable
+        if field not in sections.get(section, ()):
+            known = ", ".join(sorted(sections.get(section, ()))) if section in sections else ", ".join(sections)
+            raise ValueError(f"{where}: no config key {key} ({'its keys' if section in sections else 'sections'}: "
+                             f"{known})")
+        if key not in OWNED_KEYS:
+            continue
+        owner, value = OWNED_KEYS[key]
+        if key in search.space:
+            conditions = [search.space[key].get("when")]
+        else:  # a derived key is set where the variables it names were sampled
+            kind, args = next(iter(search.derive[key].items()))
+            names = [args[1]] if kind == "repeat" else [a for a in args if isinstance(a, str) and a in search.space]
+            conditions = [search.space[n].get("when") for n in names] or [None]
+        on_owner = [c for c in conditions if c and owner in c]
+        if owner in search.space:
+            if not on_owner or any((w[owner] if isinstance(w[owner], list) else [w[owner]]) != [value]
+                                   for w in on_owner):
+                raise ValueError(f"{where} belongs to {owner} {value}: the study searches {owner}, so "
+                                 f"{'give it' if key in search.space else 'derive it from a variable with'} "
+                                 f"when: {{{owner}: {value}}}")
+        else:
+            section_name, field_name = owner.split(".")
+            fixed = getattr(getattr(config, section_name), field_name)
+            if fixed != value:
+                raise ValueError(f"{where} belongs to {owner} {value}, and the study's {owner} is {fixed} "
+                                 f"(set {owner}: {value}, or search {owner})")
 
 
 def dataset_dir(config: Config, root: Path) -> Path:

@@ -303,6 +303,30 @@ def targets_to_raw(standardised: np.ndarray, mean: np.ndarray, std: np.ndarray, 
     return out
 
 
+class Relabel:
+    """Training augmentation train.relabel: each sample of a batch under a random relabelling
+    of its actions (raypd.ode.relabellings), its raw series' channels and its targets
+    permuted together. Targets come and go standardised (the model's (B, k)); they are
+    relabelled in raw units, as the series are."""
+
+    def __init__(self, data: "Prepared", seed: int):
+        from raypd.ode import relabellings
+
+        self.perms = relabellings(data.series_shape[0] // 2)
+        self.mean, self.std, self.varying = data.mean, data.std, data.varying
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, series: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        which = self.rng.integers(len(self.perms), size=len(targets))
+        raw = targets_to_raw(targets, self.mean, self.std, self.varying)
+        out_series, out_raw = np.empty_like(series), np.empty_like(raw)
+        for j, (target_index, channel_index) in enumerate(self.perms):
+            rows = which == j
+            out_series[rows] = series[rows][:, channel_index]
+            out_raw[rows] = raw[rows][:, target_index]
+        return out_series, standardise_targets(out_raw, self.mean, self.std, self.varying)
+
+
 SPLITS = ("train", "val", "calib", "test")  # calib: the intervals' calibration, apart from any choice
 TRAINING_SPLITS = ("train", "val")  # what training reads: held in memory, or streamed
 

@@ -56,6 +56,21 @@ def channel_names(n: int) -> list[str]:
     return [f"u_{i}" for i in range(1, n + 1)] + [f"a_{i}" for i in range(1, n + 1)]
 
 
+def relabellings(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The n! relabellings of the actions (docs/science.md §2): for each permutation s (new
+    action i is old action s[i]), the index arrays (targets, channels) such that a target
+    vector [params, ic] relabels as vector[..., targets] and a series' channels as
+    series[..., channels, :]. The identity comes first."""
+    out = []
+    for perm in itertools.permutations(range(n)):
+        s = np.array(perm)
+        pairs = (s[:, None] * n + s[None, :]).ravel()  # (i, j) -> (s[i], s[j]), row-major
+        targets = np.concatenate([s, n + s, 2 * n + pairs, 2 * n + n * n + pairs,
+                                  2 * n + 2 * n * n + s, 3 * n + 2 * n * n + s])
+        out.append((targets, np.concatenate([s, n + s])))
+    return out
+
+
 @dataclass(frozen=True)
 class Params:
     """A batch of parameters split into its parts: g, mu (B, n); Pi, Gamma (B, n, n)."""

@@ -70,11 +70,11 @@ class SavedModel:
 
     def __init__(self, meta: dict, weights: dict, source: str = "model"):
         from raypd.config import ModelConfig, from_dict
-        from raypd.model import CNN1D
+        from raypd.model import build_model
 
         self.meta, self.source = meta, source
-        self.config = from_dict(ModelConfig, meta["model_config"])
-        self.net = CNN1D(self.config, meta.get("input_channels", meta["series_shape"][0]), meta["n_outputs"])
+        self.config = from_dict(ModelConfig, meta["model_config"])  # older checkpoints: the keys they lack default
+        self.net = build_model(self.config, meta.get("input_channels", meta["series_shape"][0]), meta["n_outputs"])
         self.net.load_state_dict(weights)
         self.net.eval()
 
@@ -103,14 +103,16 @@ class SavedModel:
     def check(self, series) -> np.ndarray:
         """Raw series as a float32 (N, 2n, T) array, or a ValueError saying what is wrong.
         T may differ from the training series' (the model pools globally) but must be at
-        least 2^(conv blocks)."""
+        least 2^(poolings)."""
+        from raypd.model import min_time_points
+
         series = np.asarray(series)
         channels, steps = self.series_shape
         if series.dtype.kind not in "fiu" or series.ndim != 3 or series.shape[1] != channels:
             raise ValueError(f"series must be a number array of shape (N, {channels}, T) (N series of {channels} "
                              f"channels, row-major (channel, time); T={steps} as trained), got "
                              f"{series.dtype} {series.shape}")
-        least = 2 ** len(self.config.filters)
+        least = min_time_points(self.config)
         if series.shape[2] < least:
             raise ValueError(f"series have {series.shape[2]} time points: this model needs at least {least} "
                              f"(trained on {steps})")
@@ -120,9 +122,22 @@ class SavedModel:
 
     def predict(self, series) -> np.ndarray:
         """(N, n_targets) raw-unit predictions, parameters then initial conditions, for raw
-        series (N, 2n, T)."""
+        series (N, 2n, T). A model with model.average_relabellings predicts each series under
+        every relabelling of its actions and averages the predictions, each relabelled back."""
+        from raypd.ode import relabellings
+
         series = self.check(series)
-        return self.predict_inputs(apply_input_norm(series, self.meta["input_norm"]))
+        norm = self.meta["input_norm"]
+        if not self.config.average_relabellings:
+            return self.predict_inputs(apply_input_norm(series, norm))
+        total = 0.0
+        perms = relabellings(self.series_shape[0] // 2)
+        for target_index, channel_index in perms:
+            relabelled = self.predict_inputs(apply_input_norm(series[:, channel_index], norm))
+            back = np.empty_like(relabelled)
+            back[:, target_index] = relabelled  # the prediction of target target_index[i] is column i
+            total = total + back
+        return total / len(perms)
 
     def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """The same, for inputs already normalised (the prepared splits)."""

@@ -27,10 +27,10 @@ import numpy as np
 
 from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import use_gpu
-from raypd.config import Config, TrainConfig, dataset_dir, from_dict, load_config, to_dict
+from raypd.config import Config, ModelConfig, TrainConfig, dataset_dir, from_dict, load_config, to_dict
 from raypd.dataio import naming, write_json
-from raypd.dataset import (TRAINING_SPLITS, DatasetFiles, Prepared, apply_input_norm, open_dataset, prepare,
-                           series_bytes, split_series, stream_options, stream_split)
+from raypd.dataset import (TRAINING_SPLITS, DatasetFiles, Prepared, Relabel, apply_input_norm, open_dataset,
+                           prepare, series_bytes, split_series, stream_options, stream_split)
 from raypd.intervals import metrics
 from raypd.model import check_fits
 from raypd.serve import CHECKPOINT_FILE, model_meta
@@ -49,7 +49,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.tune
     import torch
 
-    from raypd.model import CNN1D
+    from raypd.model import build_model
 
     config = from_dict(Config, loop_config["config"])
     train = config.train
@@ -65,7 +65,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         raise RuntimeError(f"training asks for GPUs (train.use_gpu) but node {context.get_node_id()} has no "
                            f"CUDA device (this process holds {context.get_assigned_resources()})")
     torch.manual_seed(train.seed)
-    model = CNN1D(config.model, data.input_channels, data.n_outputs)
+    model = build_model(config.model, data.input_channels, data.n_outputs)
     if in_tune:  # a single-process trial inside Tune: no Train session here, no DDP needed
         rank, world = 0, 1
         device = torch.device("cuda" if loop_config["use_gpu"] else "cpu")
@@ -75,9 +75,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         rank, world = context.get_world_rank(), context.get_world_size()
         model = ray.train.torch.prepare_model(model)  # moves it to this worker's device; DDP if world > 1
         device = ray.train.torch.get_device()
-    graphed = train.cuda_graph and device.type == "cuda" and world == 1  # see make_train_step
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                 capturable=graphed)
+    # see make_train_step; a graph bakes in the learning rate: not with a schedule
+    graphed = train.cuda_graph and device.type == "cuda" and world == 1 and train.schedule == "none"
+    optimizer = make_optimizer(model, train, graphed)
+    schedule = make_schedule(optimizer, train)
     unwrapped = model.module if hasattr(model, "module") else model
     meta = model_meta(config, data)  # saved with every checkpoint: the model carries its normalisation
 
@@ -101,8 +102,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Adam's groups carry the saving run's `capturable` flag, and loading would restore it:
         # a graph run's state would then fail on a CPU, and an eager run's could not be captured.
         for group in saved["optimizer"]["param_groups"]:
-            group["capturable"] = graphed
+            if "capturable" in group:
+                group["capturable"] = graphed
         optimizer.load_state_dict(saved["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(saved["schedule"])
         state = saved["state"]
 
     step = make_train_step(model, optimizer, train.batch_size, train.grad_clip, graphed,
@@ -112,12 +116,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(state["epoch"], train.epochs):
         started = time.perf_counter()
         model.train()
+        seed = train.seed * 100_003 + epoch
+        # train.relabel: each sample under a random relabelling of its actions
+        relabel = Relabel(data, seed * 1_009 + rank) if train.relabel else None
         if data.held("train"):  # each worker its slice of one permutation of the training split
-            batches = memory_batches(data, "train", epoch_shard(len(data.targets["train"]), train.seed * 100_003 + epoch,
-                                                                 rank, world), train.batch_size)
+            batches = memory_batches(data, "train", epoch_shard(len(data.targets["train"]), seed, rank, world),
+                                     train.batch_size, relabel)
         else:  # file order shuffled each epoch by Ray Data, rows by a local shuffle buffer
             batches = stream_batches(streams["train"], train.batch_size, data.input_norm, train.shuffle_buffer,
-                                     seed=train.seed * 100_003 + epoch)
+                                     seed=seed, relabel=relabel)
         # the loss is summed on the device (float64, as Python floats were): no host sync per
         # step, so a GPU is fed kernels without waiting for each step's result
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -137,8 +144,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
                  "history": state["history"] + [metrics_]}
         progress.show(metrics_)
+        if schedule is not None and epoch + 1 < train.epochs:
+            schedule.step()  # the next epoch's learning rate
         if rank == 0:
-            save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved, meta=meta)
+            save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved, meta=meta, schedule=schedule)
         if in_tune:  # the trial's folder holds the checkpoints; Tune takes the metrics
             ray.tune.report({**metrics_, "node_id": ray.get_runtime_context().get_node_id()})
         elif rank == 0:
@@ -150,6 +159,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state["bad_epochs"] >= train.patience:
             break
     progress.close()
+
+
+def make_optimizer(model, train: TrainConfig, graphed: bool = False):
+    """train.optimizer over the model's parameters: Adam, AdamW (decoupled weight decay), or
+    SGD with train.momentum (Nesterov). graphed: Adam's state on the device, for capture."""
+    import torch
+
+    params = model.parameters()
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.momentum > 0,
+                               weight_decay=train.weight_decay)
+    kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=train.lr, weight_decay=train.weight_decay, capturable=graphed)
+
+
+def make_schedule(optimizer, train: TrainConfig):
+    """train.schedule, stepped once an epoch over train.epochs (None: a constant rate)."""
+    import torch
+
+    if train.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs)
+    if train.schedule == "onecycle":  # also cycles Adam's beta1 / SGD's momentum, as torch does
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=train.epochs,
+                                                   pct_start=train.warmup)
+    return None
 
 
 def quiet_worker_logs() -> None:
@@ -175,21 +209,26 @@ def epoch_shard(rows: int, seed: int, rank: int, world: int) -> np.ndarray:
     return order.repeat(2)[: per_worker * world][rank::world].numpy()
 
 
-def memory_batches(data: Prepared, split: str, rows: np.ndarray, batch_size: int):
+def memory_batches(data: Prepared, split: str, rows: np.ndarray, batch_size: int, relabel=None):
     """(inputs, targets) float32 tensors of a split held in memory, `rows` in that order;
-    inputs are made a batch at a time (the raw series are the only copy)."""
+    inputs are made a batch at a time (the raw series are the only copy), after `relabel`
+    (a raypd.dataset.Relabel) where given."""
     import torch
 
     series, targets = data.series[split], data.targets[split]
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        yield torch.from_numpy(apply_input_norm(series[batch], data.input_norm)), torch.from_numpy(targets[batch])
+        x, y = series[batch], targets[batch]
+        if relabel is not None:
+            x, y = relabel(x, y)
+        yield torch.from_numpy(apply_input_norm(x, data.input_norm)), torch.from_numpy(y)
 
 
 STREAM_CHUNK = 1024  # rows Ray Data hands over at a time; the loop cuts them into batches
 
 
-def stream_batches(stream, batch_size: int, input_norm: dict, shuffle_buffer: int = 0, seed: int | None = None):
+def stream_batches(stream, batch_size: int, input_norm: dict, shuffle_buffer: int = 0, seed: int | None = None,
+                   relabel=None):
     """(inputs, targets) float32 tensors of a streamed split (a Ray Dataset, or Train's shard
     of one: raypd.stream), inputs made from its raw series by input_norm a chunk at a time.
     With shuffle_buffer, Ray Data draws chunks of STREAM_CHUNK rows at random from a local
@@ -202,7 +241,9 @@ def stream_batches(stream, batch_size: int, input_norm: dict, shuffle_buffer: in
                                      local_shuffle_buffer_size=shuffle_buffer or None,
                                      local_shuffle_seed=seed if shuffle_buffer else None):
         # inputs made here, a chunk at a time; y copied (Ray's arrays are read-only)
-        x, y = torch.from_numpy(apply_input_norm(chunk["series"], input_norm)), torch.tensor(chunk["y"])
+        series, targets = (relabel(chunk["series"], chunk["y"]) if relabel is not None
+                           else (chunk["series"], chunk["y"]))
+        x, y = torch.from_numpy(apply_input_norm(series, input_norm)), torch.tensor(targets)
         order = torch.randperm(len(y), generator=generator) if shuffle_buffer else torch.arange(len(y))
         for start in range(0, len(y), batch_size):
             rows = order[start : start + batch_size]
@@ -361,12 +402,15 @@ def recover_checkpoints(checkpoint_dir: Path) -> None:
                 break
 
 
-def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict) -> None:
+def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict,
+                    schedule=None) -> None:
     """checkpoint_dir/last (and /best when improved), each replaced whole. meta: what turns
     raw series into raw-unit predictions (raypd.serve.model_meta), saved beside the weights."""
     import torch
 
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "meta": meta}
+    if schedule is not None:
+        payload["schedule"] = schedule.state_dict()
     # serialised in memory, then written: on a full disk torch.save fails with "unexpected pos
     # 64 vs 0", a write with ENOSPC naming the file (raypd.cli: one line)
     buffer = io.BytesIO()
@@ -462,6 +506,11 @@ def check_resumable(workdir: Path, meta: dict) -> None:
     if not last.exists():
         return
     saved = read_checkpoint(last).get("meta") or {}
+    if isinstance(saved.get("model_config"), dict):  # the keys a newer raypd added, at their defaults
+        try:
+            saved = {**saved, "model_config": to_dict(from_dict(ModelConfig, saved["model_config"]))}
+        except ValueError:
+            pass
     differs = [key for key in meta if saved.get(key) != meta[key]]
     if differs:
         raise ValueError(f"--out {workdir} holds a run of another model or dataset (differs in: "

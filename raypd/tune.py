@@ -25,7 +25,7 @@ from typing import NamedTuple
 from raypd import __version__
 from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
-from raypd.config import Config, dataset_dir, from_dict, load_config, merge, to_dict
+from raypd.config import Config, condition_holds, dataset_dir, from_dict, load_config, merge, space_entry, to_dict
 from raypd.dataio import read_json, write_json
 from raypd.dataset import open_dataset, prepare, split_series
 from raypd.lock import hold
@@ -42,13 +42,13 @@ LOCK_FILE = ".raypd.lock"  # held while a process writes the study (raypd.lock)
 # --------------------------------------------------------------------------- the space
 
 
-def tune_space(config: Config) -> dict:
-    """The study's space in Ray Tune's terms (Optuna and HyperOpt both take these)."""
+def tune_domains(config: Config) -> dict:
+    """Each entry of the study's space as a Ray Tune domain (what the searchers convert)."""
     from ray import tune
 
     out = {}
     for name, spec in config.search.space.items():
-        kind, args = next(iter(spec.items()))
+        kind, args, _ = space_entry(spec)
         if kind == "loguniform":
             out[name] = tune.loguniform(args[0], args[1])
         elif kind == "uniform":
@@ -60,9 +60,84 @@ def tune_space(config: Config) -> dict:
     return out
 
 
+def in_order(space: dict) -> list[str]:
+    """The space's names, those without a condition first (a condition names one of them)."""
+    return sorted(space, key=lambda name: "when" in space[name])
+
+
+def sampled(space: dict, params: dict) -> dict:
+    """`params` less the entries whose condition does not hold."""
+    return {name: value for name, value in params.items()
+            if name not in space or condition_holds(space[name].get("when"), params)}
+
+
+class OptunaSpace:
+    """The study's space as Optuna's define-by-run function (OptunaSearch(space=...)): an
+    entry with a condition (`when`) is suggested only where it holds, so the Optuna study and
+    Tune's trial config hold a family's parameters only in that family's trials. The
+    distributions are the ones OptunaSearch makes of Ray's domains (tune_domains)."""
+
+    def __init__(self, space: dict):
+        self.space = space
+
+    def __call__(self, trial) -> None:
+        params: dict = {}
+        for name in in_order(self.space):
+            kind, args, when = space_entry(self.space[name])
+            if not condition_holds(when, params):
+                continue
+            if kind in ("loguniform", "uniform"):
+                params[name] = trial.suggest_float(name, args[0], args[1], log=kind == "loguniform")
+            elif kind == "int":
+                params[name] = trial.suggest_int(name, args[0], args[1], step=args[2] if len(args) == 3 else 1)
+            else:
+                params[name] = trial.suggest_categorical(name, args)
+
+
+def hyperopt_space(config: Config) -> dict:
+    """The study's space in HyperOpt's terms: an entry with a condition sits in a nested
+    choice, inside the option of the value it holds for (HyperOpt's conditional spaces)."""
+    from hyperopt import hp
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    space, domains = config.search.space, tune_domains(config)
+    owners = {next(iter(spec["when"])) for spec in space.values() if "when" in spec}
+    nodes = HyperOptSearch.convert_search_space({n: d for n, d in domains.items() if n not in owners})
+    for owner in owners:
+        options = []
+        for value in space[owner]["choice"]:
+            option = {owner: value}
+            for name, node in nodes.items():
+                if "when" in space[name] and condition_holds(space[name]["when"], {owner: value}):
+                    option[name] = node  # one node per entry, reused by every option it belongs to
+            options.append(option)
+        nodes[owner] = hp.choice(owner, options)
+    return {name: node for name, node in nodes.items() if "when" not in space.get(name, {})}
+
+
+def make_hyperopt_search(**kwargs):
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    # defined here, where HyperOpt is imported (Tune saves searchers with cloudpickle)
+    class FlatHyperOptSearch(HyperOptSearch):
+        """HyperOptSearch handing Tune one flat config: a nested choice's option ({KEY: value,
+        entry: ...}) is merged into the top level."""
+
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            if not isinstance(config, dict):
+                return config
+            flat = {}
+            for name, value in config.items():
+                flat.update(value if isinstance(value, dict) else {name: value})
+            return flat
+
+    return FlatHyperOptSearch(**kwargs)
+
+
 def resolve(config: Config, params: dict) -> Config:
     """The trial's config: the study's, with the sampled values (dotted names) and the derived
-    keys set. Raises ValueError naming the key if the result is not a valid config."""
+    keys set (a derived key whose variables were not all sampled keeps the study's value). Raises ValueError naming the key if the result is not a valid config."""
     overrides: dict = {}
 
     def put(key: str, value) -> None:
@@ -77,6 +152,9 @@ def resolve(config: Config, params: dict) -> Config:
             put(name, value)
     for key, spec in config.search.derive.items():
         kind, args = next(iter(spec.items()))
+        names = [args[1]] if kind == "repeat" else [a for a in args if isinstance(a, str) and a in config.search.space]
+        if any(name not in params for name in names):
+            continue  # a variable under a condition that did not hold: the key keeps its value
         if kind == "repeat":
             count = params[args[1]]
             if isinstance(count, bool) or not isinstance(count, (int, float)) or count != int(count):
@@ -96,7 +174,7 @@ def check_space(config: Config) -> None:
 
     values = {}
     for name, spec in config.search.space.items():
-        kind, args = next(iter(spec.items()))
+        kind, args, _ = space_entry(spec)
         values[name] = (list(args) if kind == "choice" else args[:2] if kind == "int"
                         else [float(args[0]), float(args[1])])  # Optuna and HyperOpt sample floats
     corners = [{name: v[0] for name, v in values.items()}, {name: v[-1] for name, v in values.items()}]
@@ -104,7 +182,7 @@ def check_space(config: Config) -> None:
                         for name, choices in values.items() for value in choices]
     for params in trials:
         try:
-            check_fits(resolve(config, params), config.data.time_points)
+            check_fits(resolve(config, sampled(config.search.space, params)), config.data.time_points)
         except (ValueError, KeyError) as exc:
             raise ValueError(f"search space: {exc}") from None
 
@@ -205,7 +283,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     check_space(config)
     if (study_dir / STUDY_FILE).exists():
         damaged = " (the study folder is damaged: use another --root, or remove that folder)"
-        if read_json(study_dir / STUDY_FILE, damaged) != resolved:
+        if with_defaults(read_json(study_dir / STUDY_FILE, damaged)) != resolved:
             raise ValueError(f"{study_dir} holds study {name!r} run with other settings; "
                              "use another --root (or remove that folder) to start afresh")
         if (study_dir / SUMMARY_FILE).exists():
@@ -235,6 +313,15 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+
+
+def with_defaults(saved) -> dict | None:
+    """A saved study.json with the keys a newer raypd added at their defaults (None: not a
+    config of this raypd)."""
+    try:
+        return to_dict(from_dict(Config, saved))
+    except (ValueError, TypeError):
+        return None
 
 
 def _run_locked(config: Config, name: str, root: Path, study_dir: Path, resolved: dict, tracking_uri: str | None,
@@ -300,7 +387,8 @@ def _run_locked(config: Config, name: str, root: Path, study_dir: Path, resolved
         print(f"raypd.tune: resuming study {name} from {study_dir}", file=sys.stderr)
         tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=tune_space(config), run_config=run_config,
+        # the searcher holds the space (it may have conditions): no param_space
+        tuner = tune.Tuner(trainable, run_config=run_config,
                            tune_config=tune_config(config, plan.concurrent, name, study_dir))
     results, interrupted = fit_or_interrupted(tuner)
     if interrupted:  # Tune stopped its trials and saved its state: the study is not done (what
@@ -412,13 +500,13 @@ def tune_config(config: Config, concurrent: int, study_name: str, study_dir: Pat
         # The search's Optuna study lives in the study folder, not only in Tune's pickled
         # searcher: optuna-dashboard and optuna.load_study (the notebook's plots) read it,
         # while the study runs and after; a resumed study goes on writing to it.
-        searcher = OptunaSearch(metric=searched_metric(config), mode=search.mode, seed=search.seed,
+        searcher = OptunaSearch(space=OptunaSpace(search.space), metric=searched_metric(config), mode=search.mode,
+                                seed=search.seed,
                                 study_name=f"raypd-{study_name}",
                                 storage=RDBStorage(optuna_storage_url(study_dir)))
     else:
-        from ray.tune.search.hyperopt import HyperOptSearch
-
-        searcher = HyperOptSearch(metric=searched_metric(config), mode=search.mode, random_state_seed=search.seed)
+        searcher = make_hyperopt_search(space=hyperopt_space(config), metric=searched_metric(config),
+                                        mode=search.mode, random_state_seed=search.seed)
     scheduler = (ASHAScheduler(time_attr="epoch", metric=search.metric, mode=search.mode,
                                max_t=config.train.epochs, grace_period=min(search.grace_period, config.train.epochs),
                                reduction_factor=search.reduction_factor)
