@@ -89,7 +89,15 @@ CASES = [
     ("tune", "search: {space: {train.lr: {loguniform: [0, 1]}}}\n", [], "search.space.train.lr: loguniform needs 0 < lo"),
     ("tune", "search: {space: {train.lr: {normal: [0, 1]}}}\n", [], "search.space.train.lr must be one of"),
     ("tune", "search: {space: {conv: {int: [1]}}}\n", [], "search.space.conv: int needs a list of (2, 3)"),
-    ("tune", "search: {space: {train.lrr: {uniform: [0.1, 0.2]}}}\n", [], "search space: unknown key train.lrr"),
+    ("tune", "search: {space: {train.lrr: {uniform: [0.1, 0.2]}}}\n", [], "search.space.train.lrr: no config key train.lrr"),
+    # conditional spaces (issue 31): a condition on an unknown key, a key no family has, a
+    # value no family is (the other checks of the kind: test_config, in-process)
+    ("tune", "search: {space: {model.family: {choice: [cnn, resnet]}, model.width: {int: [8, 16], "
+             "when: {model.famly: resnet}}}}\n", [], "'model.famly' is not a choice of the space"),
+    ("tune", "search: {space: {model.family: {choice: [cnn, resnet]}, model.depth: {int: [1, 3], "
+             "when: {model.family: resnet}}}}\n", [], "search.space.model.depth: no config key model.depth"),
+    ("tune", "search: {space: {model.family: {choice: [cnn, resnet]}, model.width: {int: [8, 16], "
+             "when: {model.family: tcn}}}}\n", [], "model.family is never 'tcn' (its choices: cnn, resnet)"),
     ("tune", "search: {derive: {model.filters: {repeat: [8, nope]}}}\n", [], "repeat needs [value, VARIABLE]"),
     ("tune", "search: {searcher: grid}\n", [], "search.searcher must be one of optuna, hyperopt"),
     ("tune", "search: {space: {n: {int: [1, 8]}}, derive: {model.filters: {repeat: [8, n]}, "

@@ -59,3 +59,39 @@ def test_every_study_file_is_valid_and_its_space_fits(path):
     from raypd.tune import check_space
 
     check_space(load_config(str(path)))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("search: {space: {model.family: {choice: [cnn, resnet]}, model.width: {int: [8, 16]}}}",
+     "search.space.model.width belongs to model.family resnet: the study searches model.family, so give it "
+     "when: {model.family: resnet}"),
+    ("search: {space: {model.width: {int: [8, 16]}}}",
+     "search.space.model.width belongs to model.family resnet, and the study's model.family is cnn"),
+    ("search: {space: {train.optimizer: {choice: [adam, sgd]}, train.momentum: {uniform: [0.8, 0.9], "
+     "when: {train.optimizer: [adam, sgd]}}}}", "train.momentum belongs to train.optimizer sgd"),
+    ("search: {space: {model.family: {choice: [cnn, resnet]}, w: {int: [8, 16]}}, derive: {model.filters: {list: [w]}}}",
+     "search.derive.model.filters belongs to model.family cnn: the study searches model.family, so derive it "
+     "from a variable with when: {model.family: cnn}"),
+    ("search: {space: {model.family: {choice: [cnn, resnet]}, w: {int: [8, 16], when: {w2: 1}}}}",
+     "search.space.w.when: 'w2' is not a choice of the space"),
+    ("search: {space: {model.hidden: {choice: [[8], [16]]}}}", "choice values must be numbers"),
+    ("search: {space: {train.lr: {uniform: [0.1, 0.2], when: model.family}}}", "search.space.train.lr.when must be"),
+    ("model: {family: tcn}", "model.family must be one of cnn, resnet (got 'tcn')"),
+    ("model: {norm: group}", "model.norm must be one of none, batch, layer"),
+    ("model: {activation: elu}", "model.activation must be one of relu, gelu, silu, tanh"),
+    ("model: {blocks: 0}", "model.blocks must be >= 1"),
+    ("train: {optimizer: rmsprop}", "train.optimizer must be one of adam, adamw, sgd"),
+    ("train: {warmup: 1.0}", "train.warmup must be a share in (0, 1)"),
+])
+def test_family_keys_and_conditions_are_checked(tmp_path, text, message):
+    (tmp_path / "study.yaml").write_text(text)
+    with pytest.raises(ValueError) as error:
+        load_config(str(tmp_path / "study.yaml"))
+    assert message in str(error.value)
+
+
+def test_a_conditional_space_that_fits():
+    config = load_config(None, [
+        "search.space={model.family: {choice: [cnn, resnet]}, w: {int: [8, 16], when: {model.family: cnn}}, "
+        "model.blocks: {int: [2, 5], when: {model.family: resnet}}}", "search.derive={model.filters: {list: [w]}}"])
+    assert config.search.space["model.blocks"]["when"] == {"model.family": "resnet"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raypd.config import Config, ModelConfig, TrainConfig, load_config
+from raypd.config import Config, ModelConfig, TrainConfig
 from raypd.dataset import Prepared, Relabel
 from raypd.model import CNN1D, ResNet1D, build_model, check_fits, min_time_points
 from raypd.ode import channel_names, ic_names, param_names, relabellings, solve
@@ -181,10 +181,3 @@ def test_averaging_over_relabellings_makes_the_predictor_equivariant(n, kind):
     for targets, chans in relabellings(n)[1:]:
         np.testing.assert_allclose(model.predict(series[:, chans]), averaged[:, targets], rtol=1e-5, atol=1e-5)
 
-
-def test_family_keys_in_study_files_are_checked():
-    load_config(None, ["model.family=resnet", "search.space={model.width: {int: [8, 16, 8]}}"])
-    with pytest.raises(ValueError, match="model.family must be one of cnn, resnet"):
-        load_config(None, ["model.family=tcn"])
-    with pytest.raises(ValueError, match="train.schedule must be one of none, cosine, onecycle"):
-        load_config(None, ["train.schedule=step"])

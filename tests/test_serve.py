@@ -2,6 +2,7 @@
 report work with ROOT/data gone), it is registered in MLflow as raypd-<study> (idempotently),
 and `mlflow models serve` and mlflow.pyfunc answer as raypd.predict does."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -240,18 +241,17 @@ def post(port: int, body: bytes) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-@pytest.fixture
-def served(study, tmp_path):
-    """`mlflow models serve -m models:/raypd-smoke/latest` on a free port of 127.0.0.1, ended by
+@contextlib.contextmanager
+def serving(root: Path, name: str, tmp_path: Path):
+    """`mlflow models serve -m models:/raypd-NAME/latest` on a free port of 127.0.0.1, ended by
     its process group."""
-    root, _, _ = study
     port = free_port()
     cli = Path(sys.executable).with_name("mlflow")
     command = [str(cli)] if cli.exists() else [sys.executable, "-m", "mlflow"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_REGISTRY_URI")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([*command, "models", "serve", "-m", "models:/raypd-smoke/latest", "--env-manager", "local",
+    proc = subprocess.Popen([*command, "models", "serve", "-m", f"models:/raypd-{name}/latest", "--env-manager", "local",
                              "--host", "127.0.0.1", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -270,6 +270,12 @@ def served(study, tmp_path):
     finally:
         stop_group(proc, timeout=20)
         log.close()
+
+
+@pytest.fixture
+def served(study, tmp_path):
+    with serving(study[0], "smoke", tmp_path) as port:
+        yield port
 
 
 @pytest.mark.slow
@@ -303,3 +309,68 @@ def test_served_model_answers_as_predict_does(served, predictions):
     status, answer = post(served, json.dumps({"inputs": series[:2].tolist(),
                                               "params": {"interval_level": 2.0}}).encode())
     assert 400 <= status < 500 and "interval level" in answer["message"], answer
+
+
+# --------------------------------------------------------------------------- model families (issue 31)
+
+FAMILY_SETS = {
+    "fam-resnet": ["model.family=resnet", "model.blocks=3", "model.width=8", "model.norm=batch",
+                   "model.activation=gelu", "train.optimizer=adamw", "train.schedule=onecycle"],
+    "fam-cnn": ["model.filters=[8, 8]", "model.kernel_sizes=[3, 5]", "model.norm=layer", "model.activation=silu",
+                "train.optimizer=sgd", "train.schedule=cosine", "train.lr=0.01"],
+}
+
+
+@pytest.fixture(scope="module")
+def families(study):
+    """A one-trial study per family at n=2 (on one dataset), trained with relabelling and
+    predicting as the mean over relabellings, each registered when it finishes."""
+    root, _, _ = study
+    out = {}
+    for name, sets in FAMILY_SETS.items():
+        config = load_config(SMOKE, ["search.num_samples=1", "train.epochs=2", "data.n_actions=2", "train.relabel=true",
+                                     "model.average_relabellings=true", *sets])
+        out[name] = config, run_study(config, name, root)
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILY_SETS))
+def test_each_family_round_trips_through_training_predict_and_the_mlflow_model(study, families, name, tmp_path):
+    """The checkpoint, raypd.predict, the registered MLflow model and the study's own test
+    metrics agree for either family (and a model that averages over relabellings)."""
+    import mlflow
+
+    root, _, _ = study
+    config, summary = families[name]
+    model = SavedModel.load(summary["best_checkpoint"])
+    assert model.config == config.model and type(model.net).__name__ == {"fam-resnet": "ResNet1D",
+                                                                         "fam-cnn": "CNN1D"}[name]
+    assert model.meta["series_shape"] == [4, 101] and model.config.average_relabellings
+    data = dataset_dir(config, root)
+    series = load_dataset(data).series
+    y_predict = predicted(root, data, tmp_path / "pred.parquet", study=name)
+    assert y_predict.shape == (600, 16)
+    np.testing.assert_allclose(model.predict(series[:N]), y_predict[:N], rtol=1e-5, atol=1e-6)
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        y_model = mlflow.pyfunc.load_model(f"models:/raypd-{name}/latest").predict(series[:N])
+    finally:
+        mlflow.set_tracking_uri(None)
+    np.testing.assert_allclose(y_model, y_predict[:N], rtol=1e-5, atol=1e-6)
+    test = pq.read_table(root / "tune" / name / "test_split.parquet").to_pydict()
+    rows = np.searchsorted(load_dataset(data).sample_id, np.array(test["sample_id"]))
+    mse = float(((y_predict[rows] - np.array(test["targets"])) ** 2).mean())
+    assert mse == pytest.approx(summary["best_test_metrics"]["mse"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_served_residual_model_answers_as_predict_does(study, families, tmp_path):
+    root, _, _ = study
+    config, _ = families["fam-resnet"]
+    data = dataset_dir(config, root)
+    series = load_dataset(data).series[:N]
+    y_predict = predicted(root, data, tmp_path / "pred.parquet", study="fam-resnet")[:N]
+    with serving(root, "fam-resnet", tmp_path) as port:
+        status, answer = post(port, json.dumps({"inputs": series.tolist()}).encode())
+    assert status == 200, answer
+    np.testing.assert_allclose(np.array(answer["predictions"]), y_predict, rtol=1e-5, atol=1e-6)

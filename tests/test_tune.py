@@ -259,3 +259,55 @@ def test_two_studies_of_one_name_under_two_roots_keep_each_others_runs(ray_local
     instances = {json.loads((tmp_path / r / "tune" / "smoke" / "instance.json").read_text())["study_instance"]
                  for r in ("a", "b")}
     assert {r.data.tags["study_instance"] for r in runs} == instances and len(instances) == 2
+
+
+FAMILIES = [
+    "search.scheduler=fifo", "search.num_samples=6", "train.epochs=1", "search.seed=3",
+    "search.space={model.family: {choice: [cnn, resnet]}, "
+    "width: {int: [4, 8, 4], when: {model.family: cnn}}, "
+    "model.width: {int: [4, 8, 4], when: {model.family: resnet}}, "
+    "model.blocks: {int: [2, 3], when: {model.family: resnet}}, "
+    "train.optimizer: {choice: [adam, sgd]}, "
+    "train.momentum: {uniform: [0.8, 0.95], when: {train.optimizer: sgd}}}",
+    "search.derive={model.filters: {list: [width]}}"]
+OWN = {"cnn": {"width"}, "resnet": {"model.width", "model.blocks"}}
+
+
+@pytest.mark.parametrize("searcher", ["optuna", "hyperopt"])
+def test_a_family_parameter_is_sampled_only_with_its_family(ray_local, tmp_path, searcher):
+    """A mixed-family study (conditions with `when`): each trial's config, its Optuna trial
+    and its MLflow run hold a family's (an optimiser's) parameters only where it was chosen,
+    and each trial trained the family it names (its checkpoint's model)."""
+    import optuna
+
+    from raypd.serve import SavedModel
+
+    config = load_config(SMOKE, [f"search.searcher={searcher}", *FAMILIES])
+    summary = run_study(config, "families", tmp_path)
+    families = set()
+    for trial in summary["trials"]:
+        params = trial["config"]
+        family = params["model.family"]
+        families.add(family)
+        assert set(params) == ({"model.family", "train.optimizer"} | OWN[family]
+                               | ({"train.momentum"} if params["train.optimizer"] == "sgd" else set()))
+        model = SavedModel.load(Path(trial["path"]) / "checkpoints" / "last").config
+        resolved = resolve(config, params).model
+        assert model.family == family and model == resolved
+        if family == "cnn":
+            assert model.filters == [params["width"]]
+        else:
+            assert (model.width, model.blocks) == (params["model.width"], params["model.blocks"])
+    assert families == {"cnn", "resnet"}  # search.seed 3 draws both: the check above saw each
+    _, runs = runs_of(tmp_path, "families")
+    by_trial = {r.data.tags["trial_id"]: r.data.params for r in runs}
+    for trial in summary["trials"]:
+        assert set(by_trial[trial["trial_id"]]) == set(trial["config"])
+    if searcher == "optuna":
+        study = optuna.load_study(study_name="raypd-families",
+                                  storage=f"sqlite:///{tmp_path / 'tune' / 'families' / 'optuna.db'}")
+        assert sorted(sorted(t.params.items()) for t in study.trials) == sorted(
+            sorted(t["config"].items()) for t in summary["trials"])
+        import optuna.visualization.matplotlib as plots
+
+        assert plots.plot_parallel_coordinate(study) is not None
