@@ -2,9 +2,9 @@
 epoch of the whole `python -m raypd.train` command, with the series held in memory and
 streamed through Ray Data, in one run on this machine.
 
-    python benchmarks/bench_data.py --data DIR [DIR ...] [--config tune_configs/n2.yaml]
+    python benchmarks/bench_data.py --data DIR [DIR ...] [--config tune_configs/n2_cnn.yaml]
                                     [--epochs 1 3] [--modes memory stream] [--repeat 1] [--set KEY=VALUE ...]
-    python benchmarks/bench_data.py --study --data DIR [--config tune_configs/n2.yaml] [--set ...]
+    python benchmarks/bench_data.py --study --data DIR [--config tune_configs/n2_cnn.yaml] [--set ...]
     python benchmarks/bench_data.py --shuffle --data DIR [--shuffle-set shuffle_buffer=N]
 
 Datasets: `python -m raypd.generate --n-actions 2 --samples K --seed 42 --mu-range 0 0 --out DIR`.
@@ -231,7 +231,7 @@ def shuffle_run(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", nargs="+", required=True, help="dataset folders")
-    p.add_argument("--config", default=str(REPO / "tune_configs" / "n2.yaml"))
+    p.add_argument("--config", default=str(REPO / "tune_configs" / "n2_cnn.yaml"))
     p.add_argument("--epochs", nargs=2, type=int, default=[1, 3])
     p.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
     p.add_argument("--repeat", type=int, default=1, help="rounds; s/epoch is the median over them")

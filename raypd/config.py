@@ -379,7 +379,6 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.search.validate()
-        check_searched_keys(self)
         check_split(self.data.samples, self.train.split, "data.samples", self.train.calibration)
         return self
 
@@ -387,7 +386,8 @@ class Config:
 def check_searched_keys(config: Config) -> None:
     """Every dotted name of the space is a config key, and a key that belongs to one family
     (optimiser, schedule: OWNED_KEYS) is searched only where that value is: under a condition
-    on it when the study searches its owner, else in a study that fixes the owner to it."""
+    on it when the study searches its owner, else in a study that fixes the owner to it.
+    (A study's check, raypd.tune.check_space: raypd.train ignores a config's search section.)"""
     search = config.search
     hints = typing.get_type_hints(Config)
     sections = {name: {f.name for f in dataclasses.fields(hints[name])} for name in ("data", "model", "train")}

@@ -25,7 +25,8 @@ from typing import NamedTuple
 from raypd import __version__
 from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
-from raypd.config import Config, condition_holds, dataset_dir, from_dict, load_config, merge, space_entry, to_dict
+from raypd.config import (Config, check_searched_keys, condition_holds, dataset_dir, from_dict, load_config, merge,
+                          space_entry, to_dict)
 from raypd.dataio import read_json, write_json
 from raypd.dataset import open_dataset, prepare, split_series
 from raypd.lock import hold
@@ -172,6 +173,7 @@ def check_space(config: Config) -> None:
     range's bounds as floats) with the others at either corner."""
     from raypd.model import check_fits
 
+    check_searched_keys(config)
     values = {}
     for name, spec in config.search.space.items():
         kind, args, _ = space_entry(spec)

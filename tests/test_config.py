@@ -84,9 +84,11 @@ def test_every_study_file_is_valid_and_its_space_fits(path):
     ("train: {warmup: 1.0}", "train.warmup must be a share in (0, 1)"),
 ])
 def test_family_keys_and_conditions_are_checked(tmp_path, text, message):
+    from raypd.tune import check_space
+
     (tmp_path / "study.yaml").write_text(text)
     with pytest.raises(ValueError) as error:
-        load_config(str(tmp_path / "study.yaml"))
+        check_space(load_config(str(tmp_path / "study.yaml")))
     assert message in str(error.value)
 
 
