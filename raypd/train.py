@@ -78,7 +78,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # see make_train_step; a graph bakes in the learning rate: not with a schedule
     graphed = train.cuda_graph and device.type == "cuda" and world == 1 and train.schedule == "none"
     optimizer = make_optimizer(model, train, graphed)
-    schedule = make_schedule(optimizer, train)
     unwrapped = model.module if hasattr(model, "module") else model
     meta = model_meta(config, data)  # saved with every checkpoint: the model carries its normalisation
 
@@ -105,9 +104,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if "capturable" in group:
                 group["capturable"] = graphed
         optimizer.load_state_dict(saved["optimizer"])
-        if schedule is not None:
-            schedule.load_state_dict(saved["schedule"])
+        for group in optimizer.param_groups:  # the rate comes from the config (and its schedule)
+            group["lr"] = train.lr
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                group.pop(key, None)
         state = saved["state"]
+    schedule = make_schedule(optimizer, train, state["epoch"])  # at the run's epoch
 
     step = make_train_step(model, optimizer, train.batch_size, train.grad_clip, graphed,
                            (data.input_channels, data.series_shape[1]), data.n_outputs)
@@ -127,6 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      seed=seed, relabel=relabel)
         # the loss is summed on the device (float64, as Python floats were): no host sync per
         # step, so a GPU is fed kernels without waiting for each step's result
+        lr = optimizer.param_groups[0]["lr"]  # this epoch's (train.schedule)
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for x, y in batches:
             total += step(x.to(device), y.to(device))
@@ -139,7 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         improved = val_loss < state["best_val"]
         metrics_ = {"epoch": epoch + 1, "train_loss": total.item() / count, "val_loss": val_loss,
                     "best_val_loss": min(val_loss, state["best_val"]),
-                    "epoch_seconds": time.perf_counter() - started, "samples": count}
+                    "epoch_seconds": time.perf_counter() - started, "samples": count, "lr": lr}
         state = {"epoch": epoch + 1, "best_val": metrics_["best_val_loss"],
                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
                  "history": state["history"] + [metrics_]}
@@ -147,7 +150,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if schedule is not None and epoch + 1 < train.epochs:
             schedule.step()  # the next epoch's learning rate
         if rank == 0:
-            save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved, meta=meta, schedule=schedule)
+            save_checkpoint(checkpoint_dir, unwrapped, optimizer, state, best=improved, meta=meta)
         if in_tune:  # the trial's folder holds the checkpoints; Tune takes the metrics
             ray.tune.report({**metrics_, "node_id": ray.get_runtime_context().get_node_id()})
         elif rank == 0:
@@ -174,16 +177,25 @@ def make_optimizer(model, train: TrainConfig, graphed: bool = False):
     return kind(params, lr=train.lr, weight_decay=train.weight_decay, capturable=graphed)
 
 
-def make_schedule(optimizer, train: TrainConfig):
-    """train.schedule, stepped once an epoch over train.epochs (None: a constant rate)."""
+def make_schedule(optimizer, train: TrainConfig, epoch: int = 0):
+    """train.schedule over train.epochs, stepped once an epoch, at `epoch` (a resumed run's:
+    the schedule is made again from the config, not saved; None: a constant rate)."""
+    import warnings
+
     import torch
 
     if train.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs)
-    if train.schedule == "onecycle":  # also cycles Adam's beta1 / SGD's momentum, as torch does
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=train.epochs,
-                                                   pct_start=train.warmup)
-    return None
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs)
+    elif train.schedule == "onecycle":  # also cycles Adam's beta1 / SGD's momentum, as torch does
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=train.epochs,
+                                                       pct_start=train.warmup)
+    else:
+        return None
+    with warnings.catch_warnings():  # "step() before optimizer.step()": on purpose, to reach `epoch`
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(min(epoch, train.epochs - 1)):
+            schedule.step()
+    return schedule
 
 
 def quiet_worker_logs() -> None:
@@ -402,15 +414,12 @@ def recover_checkpoints(checkpoint_dir: Path) -> None:
                 break
 
 
-def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict,
-                    schedule=None) -> None:
+def save_checkpoint(checkpoint_dir: Path, model, optimizer, state: dict, best: bool, meta: dict) -> None:
     """checkpoint_dir/last (and /best when improved), each replaced whole. meta: what turns
     raw series into raw-unit predictions (raypd.serve.model_meta), saved beside the weights."""
     import torch
 
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "meta": meta}
-    if schedule is not None:
-        payload["schedule"] = schedule.state_dict()
     # serialised in memory, then written: on a full disk torch.save fails with "unexpected pos
     # 64 vs 0", a write with ENOSPC naming the file (raypd.cli: one line)
     buffer = io.BytesIO()

@@ -98,6 +98,11 @@ def test_schedules_over_the_epochs():
     peak = int(np.argmax(onecycle))
     assert onecycle[peak] == pytest.approx(0.1) and peak == 4  # the top at 25% of 19 steps
     assert onecycle[0] < 0.01 and onecycle[-1] < 1e-5
+    for epoch in (0, 7, 19, 25):  # a continued run's schedule, made at its epoch
+        train = TrainConfig(lr=0.1, epochs=20, schedule="onecycle", warmup=0.25)
+        opt = make_optimizer(torch.nn.Linear(3, 1), train)
+        make_schedule(opt, train, epoch)
+        assert opt.param_groups[0]["lr"] == pytest.approx(onecycle[min(epoch, 19)])
     assert all(a <= b for a, b in zip(onecycle[:peak], onecycle[1 : peak + 1]))
     assert all(a >= b for a, b in zip(onecycle[peak:], onecycle[peak + 1 :]))
 

@@ -2,6 +2,7 @@
 metrics.json and predictions.parquet."""
 
 import json
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -68,6 +69,17 @@ def test_an_interrupted_run_continues_from_its_last_epoch(data_dir, tmp_path):
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
     assert second["history"][:2] == first["history"]  # the first two epochs were not re-run
     assert read_state(tmp_path / "run" / "checkpoints" / "last")["epoch"] == 4
+
+
+def test_a_continued_run_takes_up_its_schedule_where_it_stands(data_dir, tmp_path):
+    """A schedule is made again from the config at the run's epoch (the continued run may
+    have more epochs): each epoch's rate is in the history, and MLflow's."""
+    first = train_and_evaluate(tiny(epochs=2, patience=50, schedule="cosine", lr=0.01), tmp_path / "run", data_dir)
+    assert [h["lr"] for h in first["history"]] == pytest.approx([0.01, 0.005])
+    second = train_and_evaluate(tiny(epochs=4, patience=50, schedule="cosine", lr=0.01, optimizer="adamw"),
+                                tmp_path / "run", data_dir)
+    assert second["history"][:2] == first["history"]
+    assert [h["lr"] for h in second["history"][2:]] == pytest.approx([0.005, 0.005 * (1 + math.cos(0.75 * math.pi))])
 
 
 def test_a_run_killed_between_the_two_renames_of_a_checkpoint_continues_from_it(data_dir, tmp_path):
