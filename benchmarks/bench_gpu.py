@@ -4,7 +4,8 @@
                                    [--studies eager,graph,graph+mps]
 
 On a CUDA machine it prints, in one run:
-- epochs of the notebook's best model (filters [64, 128], hidden [128]) over the reference
+- epochs of the notebook's best model (filters [64, 128], hidden [128]), and of the residual
+  1d CNN (width 64, 4 blocks, batch norm), over the reference
   dataset's training split at batch 32 and 256: a plain PyTorch loop, and raypd.train's step
   (make_train_step) eager and as a CUDA graph (train.cuda_graph), with the graph's speed-up;
 - the filters study's wall time with its dataset already present
@@ -35,19 +36,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from raypd.config import load_config  # noqa: E402
 from raypd.dataset import load_dataset, prepare  # noqa: E402
-from raypd.model import CNN1D  # noqa: E402
+from raypd.model import build_model  # noqa: E402
 from raypd.config import dataset_dir  # noqa: E402
 from raypd.train import make_train_step  # noqa: E402
 
 FILTERS = str(REPO / "tune_configs" / "filters.yaml")
 BEST = ["model.filters=[64,128]", "model.kernel_sizes=[3,3]", "model.hidden=[128]"]
+# the residual 1d CNN of tune_configs/n2.yaml's space at its widest (issue 31)
+RESNET = ["model.family=resnet", "model.width=64", "model.blocks=4", "model.norm=batch"]
 
 
 def epoch_seconds(config, data, batch: int, device: str, how: str, epochs: int = 4) -> float:
     """Seconds per epoch (mean of the epochs after the first), synchronised at epoch end.
     how: "plain" (a plain PyTorch loop), "eager" or "graph" (raypd.train.make_train_step)."""
     torch.manual_seed(0)
-    model = CNN1D(config.model, data.inputs("train").shape[1], data.n_outputs).to(device)
+    model = build_model(config.model, data.inputs("train").shape[1], data.n_outputs).to(device)
     graph = how == "graph"
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, capturable=graph)
     x = torch.tensor(data.inputs("train"), device=device)
@@ -163,13 +166,15 @@ def main() -> None:
                         "--seed", str(config.data.seed), "--mu-range", "0", "0", "--out", str(data_dir),
                         "--no-progress"], cwd=REPO, env=env, check=True, capture_output=True)
         data = prepare(load_dataset(data_dir), config.train)
-        for batch in (32, 256):
-            seconds = {how: epoch_seconds(config, data, batch, args.device, how)
-                       for how in (("plain", "eager", "graph") if args.device == "cuda" else ("plain", "eager"))}
-            line = ", ".join(f"{how} {t:.3f} s" for how, t in seconds.items())
-            if "graph" in seconds:
-                line += f" (graph: {seconds['eager'] / seconds['graph']:.1f}x faster than eager)"
-            print(f"best model, batch {batch}, per epoch: {line}", flush=True)
+        resnet = load_config(FILTERS, [*BEST, *RESNET, f"data.samples={args.samples}"])
+        for name, model_config in (("best model", config), ("residual model (width 64, 4 blocks)", resnet)):
+            for batch in (32, 256):
+                seconds = {how: epoch_seconds(model_config, data, batch, args.device, how)
+                           for how in (("plain", "eager", "graph") if args.device == "cuda" else ("plain", "eager"))}
+                line = ", ".join(f"{how} {t:.3f} s" for how, t in seconds.items())
+                if "graph" in seconds:
+                    line += f" (graph: {seconds['eager'] / seconds['graph']:.1f}x faster than eager)"
+                print(f"{name}, batch {batch}, per epoch: {line}", flush=True)
         if args.device != "cuda":
             return
         for variant in args.studies.split(","):
