@@ -146,8 +146,6 @@ def test_each_input_norm_round_trips_through_training_predict_and_the_mlflow_mod
     """A one-trial study per train.input_norm on the smoke data: the checkpoint names the
     normalisation, and raypd.predict, the registered MLflow model and the study's own test
     metrics all agree. (The HTTP server runs the same pyfunc model: served once, below.)"""
-    import mlflow
-
     root, _, _ = study
     name = "norm-" + norm.replace("+", "-")
     config = load_config(SMOKE, ["search.num_samples=1", "train.epochs=1", f"train.input_norm={norm}"])
@@ -155,19 +153,28 @@ def test_each_input_norm_round_trips_through_training_predict_and_the_mlflow_mod
     meta = SavedModel.load(summary["best_checkpoint"]).meta
     assert meta["input_norm"]["kind"] == norm
     assert meta["input_channels"] == (4 if norm == "sample+scale" else 2) and meta["series_shape"] == [2, 101]
+    round_trip(root, name, config, summary, tmp_path)
+
+
+def round_trip(root: Path, name: str, config, summary: dict, tmp_path: Path) -> np.ndarray:
+    """raypd.predict on the study's whole dataset, the registered MLflow model and the
+    study's own test metrics agree; returns predict's output."""
+    import mlflow
+
     data = dataset_dir(config, root)
-    series = load_dataset(data).series
+    dataset = load_dataset(data)
     y_predict = predicted(root, data, tmp_path / "pred.parquet", study=name)
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     try:
-        y_model = mlflow.pyfunc.load_model(f"models:/raypd-{name}/latest").predict(series[:N])
+        y_model = mlflow.pyfunc.load_model(f"models:/raypd-{name}/latest").predict(dataset.series[:N])
     finally:
         mlflow.set_tracking_uri(None)
     np.testing.assert_allclose(y_model, y_predict[:N], rtol=1e-5, atol=1e-6)
     test = pq.read_table(root / "tune" / name / "test_split.parquet").to_pydict()
-    rows = np.searchsorted(load_dataset(data).sample_id, np.array(test["sample_id"]))
+    rows = np.searchsorted(dataset.sample_id, np.array(test["sample_id"]))
     mse = float(((y_predict[rows] - np.array(test["targets"])) ** 2).mean())
     assert mse == pytest.approx(summary["best_test_metrics"]["mse"], rel=1e-4)
+    return y_predict
 
 
 @pytest.fixture
@@ -338,29 +345,16 @@ def families(study):
 def test_each_family_round_trips_through_training_predict_and_the_mlflow_model(study, families, name, tmp_path):
     """The checkpoint, raypd.predict, the registered MLflow model and the study's own test
     metrics agree for either family (and a model that averages over relabellings)."""
-    import mlflow
-
     root, _, _ = study
     config, summary = families[name]
     model = SavedModel.load(summary["best_checkpoint"])
     assert model.config == config.model and type(model.net).__name__ == {"fam-resnet": "ResNet1D",
                                                                          "fam-cnn": "CNN1D"}[name]
     assert model.meta["series_shape"] == [4, 101] and model.config.average_relabellings
-    data = dataset_dir(config, root)
-    series = load_dataset(data).series
-    y_predict = predicted(root, data, tmp_path / "pred.parquet", study=name)
+    y_predict = round_trip(root, name, config, summary, tmp_path)
     assert y_predict.shape == (600, 16)
-    np.testing.assert_allclose(model.predict(series[:N]), y_predict[:N], rtol=1e-5, atol=1e-6)
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    try:
-        y_model = mlflow.pyfunc.load_model(f"models:/raypd-{name}/latest").predict(series[:N])
-    finally:
-        mlflow.set_tracking_uri(None)
-    np.testing.assert_allclose(y_model, y_predict[:N], rtol=1e-5, atol=1e-6)
-    test = pq.read_table(root / "tune" / name / "test_split.parquet").to_pydict()
-    rows = np.searchsorted(load_dataset(data).sample_id, np.array(test["sample_id"]))
-    mse = float(((y_predict[rows] - np.array(test["targets"])) ** 2).mean())
-    assert mse == pytest.approx(summary["best_test_metrics"]["mse"], rel=1e-4)
+    series = load_dataset(dataset_dir(config, root)).series[:N]
+    np.testing.assert_allclose(model.predict(series), y_predict[:N], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
