@@ -145,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "epoch_seconds": time.perf_counter() - started, "samples": count, "lr": lr}
         state = {"epoch": epoch + 1, "best_val": metrics_["best_val_loss"],
                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
-                 "history": state["history"] + [metrics_]}
+                 "history": state["history"] + [metrics_], "optimizer": train.optimizer}
         progress.show(metrics_)
         if schedule is not None and epoch + 1 < train.epochs:
             schedule.step()  # the next epoch's learning rate
@@ -505,16 +505,21 @@ def fit(config: Config, data_ref, workdir: Path, name: str = "train", in_tune: b
     ).fit()
 
 
-def check_resumable(workdir: Path, meta: dict) -> None:
+def check_resumable(workdir: Path, meta: dict, optimizer: str = "adam") -> None:
     """A run continues from workdir's last checkpoint only if that checkpoint is of the same
-    model on the same prepared data (its saved meta); other settings (epochs, patience) may
-    differ."""
+    model on the same prepared data (its saved meta) and its optimiser state is of
+    train.optimizer; other settings (epochs, patience, the rate and its schedule) may differ."""
     from raypd.serve import read_checkpoint
 
     last = workdir / "checkpoints" / "last" / CHECKPOINT_FILE
     if not last.exists():
         return
-    saved = read_checkpoint(last).get("meta") or {}
+    payload = read_checkpoint(last)
+    kind = (payload.get("state") or {}).get("optimizer", "adam")  # an older raypd's runs: Adam
+    if kind != optimizer:
+        raise ValueError(f"--out {workdir} holds a run trained with train.optimizer {kind}; it cannot continue "
+                         f"with {optimizer}: choose another --out, or set train.optimizer={kind}")
+    saved = payload.get("meta") or {}
     if isinstance(saved.get("model_config"), dict):  # the keys a newer raypd added, at their defaults
         try:
             saved = {**saved, "model_config": to_dict(from_dict(ModelConfig, saved["model_config"]))}
@@ -574,7 +579,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, data_dir: str | Path
     with hold(workdir / ".raypd.lock", f"training folder {workdir}"):
         if (workdir / "checkpoints").is_dir():
             recover_checkpoints(workdir / "checkpoints")
-        check_resumable(workdir, model_meta(config, data))
+        check_resumable(workdir, model_meta(config, data), config.train.optimizer)
         fit(config, data_ref, workdir)
         best = workdir / "checkpoints" / "best"
         out, y_true, y_pred = evaluate_best(best, data)

@@ -74,8 +74,12 @@ def test_an_interrupted_run_continues_from_its_last_epoch(data_dir, tmp_path):
 def test_a_continued_run_takes_up_its_schedule_where_it_stands(data_dir, tmp_path):
     """A schedule is made again from the config at the run's epoch (the continued run may
     have more epochs): each epoch's rate is in the history, and MLflow's."""
-    first = train_and_evaluate(tiny(epochs=2, patience=50, schedule="cosine", lr=0.01), tmp_path / "run", data_dir)
+    first = train_and_evaluate(tiny(epochs=2, patience=50, schedule="cosine", lr=0.01, optimizer="adamw"),
+                               tmp_path / "run", data_dir)
     assert [h["lr"] for h in first["history"]] == pytest.approx([0.01, 0.005])
+    # another optimiser's state cannot be taken up: refused before anything runs
+    with pytest.raises(ValueError, match="trained with train.optimizer adamw; it cannot continue with sgd"):
+        train_and_evaluate(tiny(epochs=4, optimizer="sgd"), tmp_path / "run", data_dir)
     second = train_and_evaluate(tiny(epochs=4, patience=50, schedule="cosine", lr=0.01, optimizer="adamw"),
                                 tmp_path / "run", data_dir)
     assert second["history"][:2] == first["history"]
