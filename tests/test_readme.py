@@ -199,14 +199,21 @@ STUDIES = sorted(p.stem for p in (REPO / "tune_configs").glob("*.yaml"))
 SMALL = ["data.samples=200", "train.epochs=1", "search.num_samples=1"]
 
 
+@pytest.fixture(scope="module")
+def studies_folder(tmp_path_factory) -> Path:
+    """One current folder for every study file's run: studies of one data section share its
+    dataset under runs/data, as a user's would."""
+    return tmp_path_factory.mktemp("studies")
+
+
 @pytest.mark.parametrize("name", STUDIES)
-def test_every_study_file_runs_from_a_relative_root(ray_local, tmp_path, monkeypatch, name):
+def test_every_study_file_runs_from_a_relative_root(ray_local, studies_folder, monkeypatch, name):
     from raypd.tune import run_study
 
     in_readme(f"`{name}`")  # the README lists it
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(studies_folder)
     config = load_config(str(REPO / "tune_configs" / f"{name}.yaml"), SMALL)
     summary = run_study(config, name, "runs")
     assert summary["num_trials"] == 1 and summary["trials"][0]["status"] == "TERMINATED", summary["trials"]
     assert summary["best_test_metrics"] is not None
-    assert (tmp_path / "runs" / "tune" / name / "summary.json").exists()
+    assert (studies_folder / "runs" / "tune" / name / "summary.json").exists()

@@ -110,7 +110,10 @@ def test_a_series_that_hides_its_desire_determines_only_what_it_shows():
     problem = FitProblem.from_data_config(N1)
     observed = hidden_desire_series()
     names = ode.param_names(1) + ode.ic_names(1)
-    for start in ([0.8, 0.0, 1.5, 0.8, -1.0, 0.5], [0.1, 0.0, 1.0, 0.4, -2.0, 1.2]):
+    # (from [0.8, 0, 1.5, 0.8, -1, 0.5] the start and all 8 restarts of seed 0 end in a local
+    # minimum with m(0) ~ 0 and a ~ 0 on an AMD EPYC machine (numpy 2.4, numba 0.68), not on
+    # the machines before: an optimiser failure of the kind issue 32 is about; m(0) 0.9 here)
+    for start in ([0.8, 0.0, 1.5, 0.8, -1.0, 0.9], [0.1, 0.0, 1.0, 0.4, -2.0, 1.2]):
         fit = fit_series(observed, np.array(start)[None], problem)
         assert not fit.identified and fit.residual < 1e-4, (start, fit)
         determined = dict(zip(names, fit.determined))
