@@ -189,3 +189,31 @@ def test_the_in_memory_path_holds_train_and_val_only(data_dir):
     assert sorted(data.series) == ["train", "val"]
     assert all(a.dtype == np.float32 for a in data.series.values())
     json.dumps(data.input_norm)  # saved with the model
+
+
+def test_a_streamed_epoch_relabels_each_samples_series_and_targets_together(ray_local, tmp_path):
+    """train.relabel on a streamed split (n=2): every streamed (series, targets) pair is a
+    stored sample under one relabelling of its actions, both relabelled alike, and both
+    relabellings occur."""
+    from raypd.dataset import Relabel
+    from raypd.ode import relabellings
+
+    n2 = DataConfig(n_actions=2, samples=200, seed=5, mu_range=(0.0, 0.0), time_points=64, time_span=(0.0, 63.0))
+    generate(n2, tmp_path / "ds", block_size=100, progress=False)
+    data = prepare(tmp_path / "ds", TrainConfig(input_norm="global"), held=())  # inputs: series / scale
+    batches = list(stream_batches(stream_split(data, "train", shuffle_seed=0), 16, data.input_norm, shuffle_buffer=50,
+                                  seed=0, relabel=Relabel(data, seed=3)))
+    x = np.concatenate([b[0].numpy() for b in batches]) * np.array(data.input_norm["scale"])[None, :, None]
+    y = data.to_raw(np.concatenate([b[1].numpy() for b in batches]))
+    whole = load_dataset(tmp_path / "ds")
+    used = set()
+    for series, targets in zip(x, y):  # (targets went through float32: matched to 1e-4)
+        for k, (target_index, channel_index) in enumerate(relabellings(2)):
+            distance = np.abs(whole.targets[:, target_index] - targets).max(axis=1)
+            if distance.min() < 1e-4:
+                np.testing.assert_allclose(series, whole.series[distance.argmin()][channel_index], rtol=1e-5, atol=1e-5)
+                used.add(k)
+                break
+        else:
+            raise AssertionError(f"no stored sample under any relabelling: {targets}")
+    assert len(x) == 140 and used == {0, 1}
