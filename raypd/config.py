@@ -354,6 +354,12 @@ def space_entry(spec: dict) -> tuple[str, list, dict | None]:
     return kind, spec[kind], spec.get("when")
 
 
+def derive_variables(spec: dict, space: dict) -> list[str]:
+    """The space's variables a search.derive entry names (repeat's count, list's items)."""
+    kind, args = next(iter(spec.items()))
+    return [args[1]] if kind == "repeat" else [a for a in args if isinstance(a, str) and a in space]
+
+
 def condition_holds(when: dict | None, params: dict) -> bool:
     """Whether a space entry with condition `when` is sampled, given the values sampled so far."""
     if when is None:
@@ -406,8 +412,7 @@ def check_searched_keys(config: Config) -> None:
         if key in search.space:
             conditions = [search.space[key].get("when")]
         else:  # a derived key is set where the variables it names were sampled
-            kind, args = next(iter(search.derive[key].items()))
-            names = [args[1]] if kind == "repeat" else [a for a in args if isinstance(a, str) and a in search.space]
+            names = derive_variables(search.derive[key], search.space)
             conditions = [search.space[n].get("when") for n in names] or [None]
         on_owner = [c for c in conditions if c and owner in c]
         if owner in search.space:

@@ -25,8 +25,8 @@ from typing import NamedTuple
 from raypd import __version__
 from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
-from raypd.config import (Config, check_searched_keys, condition_holds, dataset_dir, from_dict, load_config, merge,
-                          space_entry, to_dict)
+from raypd.config import (Config, check_searched_keys, condition_holds, dataset_dir, derive_variables, from_dict,
+                          load_config, merge, space_entry, to_dict)
 from raypd.dataio import read_json, write_json
 from raypd.dataset import open_dataset, prepare, split_series
 from raypd.lock import hold
@@ -153,8 +153,7 @@ def resolve(config: Config, params: dict) -> Config:
             put(name, value)
     for key, spec in config.search.derive.items():
         kind, args = next(iter(spec.items()))
-        names = [args[1]] if kind == "repeat" else [a for a in args if isinstance(a, str) and a in config.search.space]
-        if any(name not in params for name in names):
+        if any(name not in params for name in derive_variables(spec, config.search.space)):
             continue  # a variable under a condition that did not hold: the key keeps its value
         if kind == "repeat":
             count = params[args[1]]
