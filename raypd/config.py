@@ -531,6 +531,16 @@ def to_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def with_defaults(cls, values) -> dict | None:
+    """`values` saved by an earlier raypd (a study.json, a checkpoint's model_config) with the
+    keys a newer raypd added at their defaults, as a dict; None where they are not a `cls` of
+    this raypd."""
+    try:
+        return to_dict(from_dict(cls, values))
+    except (ValueError, TypeError):
+        return None
+
+
 def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import use_gpu
-from raypd.config import Config, ModelConfig, TrainConfig, dataset_dir, from_dict, load_config, to_dict
+from raypd.config import Config, ModelConfig, TrainConfig, dataset_dir, from_dict, load_config, to_dict, with_defaults
 from raypd.dataio import naming, write_json
 from raypd.dataset import (TRAINING_SPLITS, DatasetFiles, Prepared, Relabel, apply_input_norm, open_dataset,
                            prepare, series_bytes, split_series, stream_options, stream_split)
@@ -521,10 +521,7 @@ def check_resumable(workdir: Path, meta: dict, optimizer: str = "adam") -> None:
                          f"with {optimizer}: choose another --out, or set train.optimizer={kind}")
     saved = payload.get("meta") or {}
     if isinstance(saved.get("model_config"), dict):  # the keys a newer raypd added, at their defaults
-        try:
-            saved = {**saved, "model_config": to_dict(from_dict(ModelConfig, saved["model_config"]))}
-        except ValueError:
-            pass
+        saved = {**saved, "model_config": with_defaults(ModelConfig, saved["model_config"]) or saved["model_config"]}
     differs = [key for key in meta if saved.get(key) != meta[key]]
     if differs:
         raise ValueError(f"--out {workdir} holds a run of another model or dataset (differs in: "

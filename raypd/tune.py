@@ -26,7 +26,7 @@ from raypd import __version__
 from raypd.cli import ArgumentParser, absolute_path, check_shared, check_writable, init_ray, run_main
 from raypd.cluster import Capacity, cluster_capacity
 from raypd.config import (Config, check_searched_keys, condition_holds, dataset_dir, derive_variables, from_dict,
-                          load_config, merge, space_entry, to_dict)
+                          load_config, merge, space_entry, to_dict, with_defaults)
 from raypd.dataio import read_json, write_json
 from raypd.dataset import open_dataset, prepare, split_series
 from raypd.lock import hold
@@ -284,7 +284,7 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
     check_space(config)
     if (study_dir / STUDY_FILE).exists():
         damaged = " (the study folder is damaged: use another --root, or remove that folder)"
-        if with_defaults(read_json(study_dir / STUDY_FILE, damaged)) != resolved:
+        if with_defaults(Config, read_json(study_dir / STUDY_FILE, damaged)) != resolved:
             raise ValueError(f"{study_dir} holds study {name!r} run with other settings; "
                              "use another --root (or remove that folder) to start afresh")
         if (study_dir / SUMMARY_FILE).exists():
@@ -314,15 +314,6 @@ def run_study(config: Config, name: str, root: str | Path = "runs", tracking_uri
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
-
-
-def with_defaults(saved) -> dict | None:
-    """A saved study.json with the keys a newer raypd added at their defaults (None: not a
-    config of this raypd)."""
-    try:
-        return to_dict(from_dict(Config, saved))
-    except (ValueError, TypeError):
-        return None
 
 
 def _run_locked(config: Config, name: str, root: Path, study_dir: Path, resolved: dict, tracking_uri: str | None,

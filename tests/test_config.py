@@ -97,3 +97,21 @@ def test_a_conditional_space_that_fits():
         "search.space={model.family: {choice: [cnn, resnet]}, w: {int: [8, 16], when: {model.family: cnn}}, "
         "model.blocks: {int: [2, 5], when: {model.family: resnet}}}", "search.derive={model.filters: {list: [w]}}"])
     assert config.search.space["model.blocks"]["when"] == {"model.family": "resnet"}
+
+
+def test_settings_of_an_earlier_raypd_compare_with_the_new_keys_at_their_defaults():
+    """A study.json or a checkpoint's model_config written before model families existed
+    (no family, activation, norm, ... keys) reads as today's defaults, so the study or run
+    resumes; something that is not a config of this raypd gives None."""
+    from raypd.config import Config, ModelConfig, with_defaults
+
+    today = to_dict(Config())
+    earlier = to_dict(Config())
+    for key in ("family", "activation", "norm", "blocks", "width", "kernel", "dilation", "average_relabellings"):
+        del earlier["model"][key]
+    for key in ("optimizer", "momentum", "schedule", "warmup", "relabel"):
+        del earlier["train"][key]
+    assert with_defaults(Config, earlier) == today
+    assert with_defaults(ModelConfig, {"filters": [64, 128]})["family"] == "cnn"
+    assert with_defaults(ModelConfig, {"filters": [64, 128], "colour": "red"}) is None
+    assert with_defaults(Config, [1, 2]) is None
