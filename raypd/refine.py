@@ -63,6 +63,7 @@ WHITE_LAGS, WHITE_CHI2 = 5, 20.5  # a residual is noise-like below chi2(5)'s 0.9
 RANK_TOLERANCE = 1e-8  # smallest singular value of the scaled Jacobian, relative to the largest
 WEAK = 1e-3  # a target whose range moves the residual less than this (relative) is not determined
 KINK_STEP = 1e-4  # a rank-deficient fit's targets are probed by steps of this (of their range) each way
+LAZY_JACOBIAN_FROM = 2  # from this n, a trial point's residual is solved without the sensitivities (_residuals)
 MAX_BLOCK_SIZE = 256  # series per Ray Data task
 MIN_BLOCK_SIZE = 8
 BLOCKS_PER_CPU = 8
@@ -225,7 +226,7 @@ def _fitted(ctx: _FitContext, start: np.ndarray, window: int) -> np.ndarray:
     x0 = np.clip(start, lo, hi)
     x0 = np.where(x0 <= lo, lo + 1e-9 * (hi - lo), np.where(x0 >= hi, hi - 1e-9 * (hi - lo), x0))
     try:
-        return least_squares(lambda x: evaluate(x)[0], x0, jac=lambda x: evaluate(x)[1], bounds=(lo, hi),
+        return least_squares(lambda x: evaluate(x, False)[0], x0, jac=lambda x: evaluate(x)[1], bounds=(lo, hi),
                              method="trf", x_scale="jac", max_nfev=MAX_NFEV, ftol=1e-12, xtol=1e-12,
                              gtol=1e-12).x
     except (ValueError, np.linalg.LinAlgError, FloatingPointError):
@@ -234,13 +235,13 @@ def _fitted(ctx: _FitContext, start: np.ndarray, window: int) -> np.ndarray:
 
 def _rms(ctx: _FitContext, x: np.ndarray) -> float:
     """The RMS residual over the whole series at x (free targets); inf where the solve fails."""
-    r = ctx.whole(x)[0]
+    r = ctx.whole(x, False)[0]
     return float(np.sqrt(np.mean(r**2))) if np.isfinite(r).all() else np.inf
 
 
 def _explains(ctx: _FitContext, x: np.ndarray, rms: float) -> bool:
     """Fitted exactly, or to the series' noise level with a residual that looks like noise."""
-    return rms <= IDENTIFIED_RESIDUAL or (rms <= ctx.threshold and white(ctx.whole(x)[0], ctx.observed.shape))
+    return rms <= IDENTIFIED_RESIDUAL or (rms <= ctx.threshold and white(ctx.whole(x, False)[0], ctx.observed.shape))
 
 
 def _full_rank(J: np.ndarray) -> bool:
@@ -285,14 +286,14 @@ def _two_sided_reach(ctx: _FitContext, x: np.ndarray) -> np.ndarray:
     KINK_STEP of its range each way, the smaller of the two: where the fit sits on a kink
     of max() (v(0) = mu while the desire never shows: raising it shows at t = 0, lowering
     it changes nothing), the side that moves nothing says what the series can tell."""
-    r0 = ctx.whole(x)[0].copy()
+    r0 = ctx.whole(x, False)[0].copy()
     out = np.zeros(x.size)
     for j in range(x.size):
         moved = []
         for sign in (1.0, -1.0):
             y = x.copy()
             y[j] += sign * KINK_STEP * (ctx.hi[j] - ctx.lo[j])
-            moved.append(float(np.linalg.norm(ctx.whole(y)[0] - r0)))
+            moved.append(float(np.linalg.norm(ctx.whole(y, False)[0] - r0)))
         out[j] = min(moved) / KINK_STEP if np.isfinite(moved).all() else 0.0
     return out
 
@@ -349,37 +350,59 @@ def white(residual: np.ndarray, shape) -> bool:
 
 
 def _residuals(observed: np.ndarray, weights: np.ndarray, problem: FitProblem, base: np.ndarray, window: int):
-    """x (free targets) -> (weighted residual, its Jacobian) over the first `window` times;
-    one integration serves both (least_squares asks for the Jacobian where it has just asked
-    for the residual). A solve that diverges or hits the step limit gives a large, flat
-    residual, which sends the optimiser back."""
+    """(x, jacobian=True) -> (weighted residual, its Jacobian or None) over the first `window`
+    times, x the free targets. A solve that diverges or hits the step limit gives a large, flat
+    residual, which sends the optimiser back. Both are kept for the last x.
+
+    least_squares asks for the residual at every trial point and for the Jacobian only where
+    it accepts the step (about 65-80% of them). From n = LAZY_JACOBIAN_FROM the residual alone
+    is one solve of the state (ode.solve) and the Jacobian, where asked for, a solve with the
+    sensitivities (ode.solve_with_jacobian: 4x the cost at n=2, 20x at n=3); at n=1 (4x too,
+    but fewer rejected steps) a solve with the sensitivities serves both. Either way the state's
+    steps and values, and so every fit, are the same."""
     n, n_p, free = problem.n, ode.num_params(problem.n), problem.free
     times = problem.times[:window]
-    cache: dict = {}
+    last: dict = {}
 
-    def evaluate(x):
+    eager = n < LAZY_JACOBIAN_FROM
+
+    def evaluate(x, jacobian=True):
         key = x.tobytes()
-        if key not in cache:
-            cache.clear()
+        if last.get("key") != key:
+            last.clear()
+            last["key"] = key
+        if (jacobian or eager) and "J" not in last:
             theta = base.copy()
             theta[free] = x
             series, jac, ok = ode.solve_with_jacobian(theta[None, :n_p], theta[None, n_p:], times, n,
                                                       problem.rtol, problem.atol)
             if ok[0]:
-                r = ((series[0] - observed) * weights).ravel()
-                J = (jac[0][:, :, free] * weights[:, :, None]).reshape(observed.size, -1)
+                last["r"] = ((series[0] - observed) * weights).ravel()
+                last["J"] = (jac[0][:, :, free] * weights[:, :, None]).reshape(observed.size, -1)
             else:
-                r, J = np.full(observed.size, 1e3), np.zeros((observed.size, int(free.sum())))
-            cache[key] = (r, J)
-        return cache[key]
+                last["r"], last["J"] = np.full(observed.size, 1e3), np.zeros((observed.size, int(free.sum())))
+        elif "r" not in last:
+            theta = base.copy()
+            theta[free] = x
+            series, ok = ode.solve(theta[None, :n_p], theta[None, n_p:], times, n, problem.rtol, problem.atol)
+            last["r"] = ((series[0] - observed) * weights).ravel() if ok[0] else np.full(observed.size, 1e3)
+        return last["r"], last.get("J")
 
     return evaluate
 
 
 def fit_many(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: np.ndarray,
              restarts: int = RESTARTS) -> dict[str, np.ndarray]:
-    """fit_series over (N, 2n, T) series with starts (N, S, q): the columns refine writes."""
-    fits = [fit_series(s, st, problem, restarts, int(seed)) for s, st, seed in zip(series, starts, seeds)]
+    """fit_series over (N, 2n, T) series with starts (N, S, q): the columns refine writes.
+
+    BLAS and LAPACK run on one thread here: a fit's matrices are small (at most 1,206 x 27),
+    so threads gain nothing, and on a machine whose cores are busy (a local fit beside a
+    training run) OpenBLAS's waiting threads made a fit 28x slower (n=3, 2 cores). Ray's
+    workers already run with OMP_NUM_THREADS=1."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        fits = [fit_series(s, st, problem, restarts, int(seed)) for s, st, seed in zip(series, starts, seeds)]
     q = starts.shape[2]
     return {"estimate": np.array([f.estimate for f in fits]).reshape(-1, q),
             "residual": np.array([f.residual for f in fits], dtype=np.float64),

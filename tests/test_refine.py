@@ -46,6 +46,49 @@ def test_the_sensitivity_jacobian_matches_finite_differences_of_dop853():
                     (n, b, c, err.max())
 
 
+def test_a_fit_is_the_same_whether_the_jacobian_comes_with_every_residual_or_only_when_asked(monkeypatch):
+    """From n = LAZY_JACOBIAN_FROM a trial point is solved without the sensitivities and the
+    Jacobian only where least_squares asks for it: the state's solution is the same either
+    way, bit for bit, so every fit, restart and decision is too (n=2, wrong starts, clean and
+    noisy series)."""
+    from raypd import refine as refine_module
+
+    targets, series = truths(2, 4, seed=21)
+    problem = FitProblem.from_data_config(DataConfig(n_actions=2, mu_range=(0.0, 0.0)))
+    rng = np.random.default_rng(3)
+    starts = np.clip(targets + rng.normal(size=targets.shape) * 0.2 * (problem.upper - problem.lower),
+                     problem.lower, problem.upper)
+    starts[:, problem.free == False] = 0.0  # noqa: E712 (mu fixed)
+    observed = np.concatenate([series, add_noise(series[:2], 0.02, np.random.default_rng(4))])
+    starts = np.concatenate([starts, starts[:2]])
+    calls = {"solve": 0, "jacobian": 0}
+    solve, with_jacobian = ode.solve, ode.solve_with_jacobian
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ode, "solve", counted("solve", solve))
+    monkeypatch.setattr(ode, "solve_with_jacobian", counted("jacobian", with_jacobian))
+    fits = {}
+    for lazy_from in (1, 99):
+        monkeypatch.setattr(refine_module, "LAZY_JACOBIAN_FROM", lazy_from)
+        calls.update(solve=0, jacobian=0)
+        fits[lazy_from] = [fit_series(o, s[None], problem, restarts=2, seed=i)
+                           for i, (o, s) in enumerate(zip(observed, starts))]
+        if lazy_from == 1:
+            lazy_calls = dict(calls)
+        else:
+            eager_calls = dict(calls)
+    assert eager_calls["solve"] == 0 and lazy_calls["jacobian"] < eager_calls["jacobian"]
+    for lazy, eager in zip(fits[1], fits[99]):
+        for field in ("estimate", "se", "determined"):
+            np.testing.assert_array_equal(getattr(lazy, field), getattr(eager, field))
+        assert (lazy.residual, lazy.identified, lazy.starts) == (eager.residual, eager.identified, eager.starts)
+
+
 def test_a_series_from_known_parameters_is_recovered_from_a_wrong_start():
     targets, series = truths(1, 8, seed=11)
     problem = FitProblem.from_data_config(N1)
