@@ -362,29 +362,25 @@ def _residuals(observed: np.ndarray, weights: np.ndarray, problem: FitProblem, b
     steps and values, and so every fit, are the same."""
     n, n_p, free = problem.n, ode.num_params(problem.n), problem.free
     times = problem.times[:window]
-    last: dict = {}
-
     eager = n < LAZY_JACOBIAN_FROM
+    last: dict = {}
 
     def evaluate(x, jacobian=True):
         key = x.tobytes()
         if last.get("key") != key:
             last.clear()
             last["key"] = key
-        if (jacobian or eager) and "J" not in last:
+        need_jacobian = (jacobian or eager) and "J" not in last
+        if need_jacobian or "r" not in last:
             theta = base.copy()
             theta[free] = x
-            series, jac, ok = ode.solve_with_jacobian(theta[None, :n_p], theta[None, n_p:], times, n,
-                                                      problem.rtol, problem.atol)
-            if ok[0]:
-                last["r"] = ((series[0] - observed) * weights).ravel()
-                last["J"] = (jac[0][:, :, free] * weights[:, :, None]).reshape(observed.size, -1)
+            params, ic = theta[None, :n_p], theta[None, n_p:]
+            if need_jacobian:
+                series, jac, ok = ode.solve_with_jacobian(params, ic, times, n, problem.rtol, problem.atol)
+                last["J"] = ((jac[0][:, :, free] * weights[:, :, None]).reshape(observed.size, -1) if ok[0]
+                             else np.zeros((observed.size, int(free.sum()))))
             else:
-                last["r"], last["J"] = np.full(observed.size, 1e3), np.zeros((observed.size, int(free.sum())))
-        elif "r" not in last:
-            theta = base.copy()
-            theta[free] = x
-            series, ok = ode.solve(theta[None, :n_p], theta[None, n_p:], times, n, problem.rtol, problem.atol)
+                series, ok = ode.solve(params, ic, times, n, problem.rtol, problem.atol)
             last["r"] = ((series[0] - observed) * weights).ravel() if ok[0] else np.full(observed.size, 1e3)
         return last["r"], last.get("J")
 
