@@ -378,7 +378,9 @@ def _dormand_prince(p, n, sensitivities, times, rtol, atol, max_steps, z, K, y, 
     called from _derivative, each made solve_with_jacobian 10-19% slower at n=2.)
     """
     d = 2 * n
-    q = p.shape[0] + d if sensitivities else 0
+    # q from n alone (not p's length): a compile-time constant, so the loops over z unroll and
+    # vectorise (solve_with_jacobian 1.5x faster at n=3 than with q = len(p) + 2n)
+    q = (2 * n + 2 * n * n + d) if sensitivities else 0
     size = d * (1 + q)
     n_times = times.shape[0]
     _record(p, n, q, sensitivities, z, series, jac, 0)
@@ -545,16 +547,24 @@ def _derivative(p, n, q, sensitivities, z, K, stage):
     for i in range(n):
         row_v, row_m = d + i * q, d + (n + i) * q
         desire_binds = z[i] > p[n + i]  # u_i = v_i; else u_i = mu_i
+        # S_v' = -sum_j Pi_ij [m_j > 0] S_mj, S_m' = [desire binds] S_v - sum_j Gamma_ij [m_j > 0] S_mj:
+        # row by row over the targets, contiguous, so that the loops over c vectorise
         for c in range(q):
-            sv = 0.0
-            sm = z[row_v + c] if desire_binds else 0.0
-            for j in range(n):
-                if z[n + j] > 0.0:  # a_j = m_j
-                    s_mj = z[d + (n + j) * q + c]
-                    sv -= p[pi0 + i * n + j] * s_mj
-                    sm -= p[gamma0 + i * n + j] * s_mj
-            K[stage, row_v + c] = sv
-            K[stage, row_m + c] = sm
+            K[stage, row_v + c] = 0.0
+        if desire_binds:
+            for c in range(q):
+                K[stage, row_m + c] = z[row_v + c]
+        else:
+            for c in range(q):
+                K[stage, row_m + c] = 0.0
+        for j in range(n):
+            if z[n + j] > 0.0:  # a_j = m_j
+                src = d + (n + j) * q
+                pi_ij, gamma_ij = p[pi0 + i * n + j], p[gamma0 + i * n + j]
+                for c in range(q):
+                    s_mj = z[src + c]
+                    K[stage, row_v + c] -= pi_ij * s_mj
+                    K[stage, row_m + c] -= gamma_ij * s_mj
         K[stage, row_v + i] += 1.0  # d/d g_i
         if not desire_binds:
             K[stage, row_m + n + i] += 1.0  # d/d mu_i
@@ -585,12 +595,13 @@ def _record(p, n, q, sensitivities, z, series, jac, k):
 def _solve_sens_one(p, x0, n, times, rtol, atol, max_steps, series, jac):
     """_solve_one with the sensitivities: series (2n, T) and jac (2n, T, q) of one sample."""
     d = 2 * n
-    q = p.shape[0] + d
+    n_p = 2 * n + 2 * n * n  # num_params(n), from n alone: a compile-time constant (_dormand_prince)
+    q = n_p + d
     size = d * (1 + q)
     K, z, y = np.empty((7, size)), np.zeros(size), np.empty(size)
     for i in range(d):
         z[i] = x0[i]
-        z[d + i * q + p.shape[0] + i] = 1.0  # dx(0)/dx0 = I
+        z[d + i * q + n_p + i] = 1.0  # dx(0)/dx0 = I
     return _dormand_prince(p, n, True, times, rtol, atol, max_steps, z, K, y, series, jac)
 
 
