@@ -471,11 +471,12 @@ def _observe(p, n, x, series, k):
 
 
 @njit(cache=True)
-def _solve_one(p, x0, n, times, rtol, atol, max_steps, series, K, x, y):
+def solve_into(p, x0, n, times, rtol, atol, max_steps, series, K, x, y):
     """Integrate one sample (_dormand_prince on x alone) and observe it at every time into
     series (2n, T); False where it diverged or the step size collapsed (series is then
-    garbage). K (7, 2n), x, y (2n,) are scratch space. n is a compile-time constant (the entry
-    points below pass it as a constant), so the loops over the state unroll."""
+    garbage). K (7, 2n), x, y (2n,) are scratch space. For compiled callers (solve() below,
+    raypd.lsq's fit); n is a compile-time constant there (the entry points pass it as a
+    constant), so the loops over the state unroll."""
     for i in range(2 * n):
         x[i] = x0[i]
     no_jac = np.empty((0, 0, 0))  # q = 0: nothing is written to it
@@ -487,7 +488,7 @@ def _solve_batch(params, ic, n, times, rtol, atol, max_steps, series, ok):
     d = 2 * n
     K, x, x_new = np.empty((7, d)), np.empty(d), np.empty(d)
     for b in range(params.shape[0]):
-        ok[b] = _solve_one(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], K, x, x_new)
+        ok[b] = solve_into(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], K, x, x_new)
         if not ok[b]:
             series[b, :, :] = np.nan
 
@@ -592,8 +593,9 @@ def _record(p, n, q, sensitivities, z, series, jac, k):
 
 
 @njit(cache=True)
-def _solve_sens_one(p, x0, n, times, rtol, atol, max_steps, series, jac):
-    """_solve_one with the sensitivities: series (2n, T) and jac (2n, T, q) of one sample."""
+def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac):
+    """solve_into with the sensitivities: series (2n, T) and jac (2n, T, q) of one sample (for
+    compiled callers: solve_with_jacobian() below, raypd.lsq's fit)."""
     d = 2 * n
     n_p = 2 * n + 2 * n * n  # num_params(n), from n alone: a compile-time constant (_dormand_prince)
     q = n_p + d
@@ -608,7 +610,7 @@ def _solve_sens_one(p, x0, n, times, rtol, atol, max_steps, series, jac):
 @njit(cache=True)
 def _solve_sens_batch(params, ic, n, times, rtol, atol, max_steps, series, jac, ok):
     for b in range(params.shape[0]):
-        ok[b] = _solve_sens_one(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], jac[b])
+        ok[b] = solve_with_jacobian_into(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], jac[b])
         if not ok[b]:
             series[b, :, :] = np.nan
             jac[b, :, :, :] = np.nan
@@ -666,7 +668,7 @@ def _draw_samples(seed, ids, lo, hi, n, times, rtol, atol, max_draws, max_steps,
                 used += 1
             draws += 1
             p = values[:n_p]
-            if _stable(p, n, index, length, A, b, a) and _solve_one(
+            if _stable(p, n, index, length, A, b, a) and solve_into(
                     p, values[n_p:], n, times, rtol, atol, max_steps, series, K, x, x_new):
                 break
         params_out[s] = p

@@ -1,7 +1,8 @@
 """Refinement: the network proposes, the ODE decides.
 
 Each observed series is fitted through raypd's own solver by bounded least squares
-(scipy's trust-region reflective `least_squares`), started at the model's estimate:
+(scipy's trust-region reflective `least_squares`, ported to numba in raypd.lsq so that a
+whole fit is one compiled call), started at the model's estimate:
 
     residual = (solve(params, ic) - series) / scale,   scale = each channel's std
 
@@ -9,8 +10,8 @@ over the free targets (a target that is constant in the training data, mu with m
 [0, 0], stays fixed), bounded to the study's sampling ranges (initial conditions widened by
 half their range on each side: v and m are not bounded by the physics). The Jacobian is
 exact: the forward sensitivity equations are integrated with the state (ode.
-solve_with_jacobian), one integration per iteration where finite differences need one per
-target, and without their noise.
+solve_with_jacobian), one integration per accepted step where finite differences need one
+per target, and without their noise; a trial step needs the state's solve alone.
 
 Multistart: the model's estimate first, then any other starts given (the study's next-best
 models), then perturbed restarts around the model's estimate; the first start whose fit
@@ -51,19 +52,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raypd import ode
+from raypd import lsq, ode
 from raypd.intervals import channel_scale, noise_level  # noqa: F401 (noise_level: raypd.refine.noise_level too)
 
 IDENTIFIED_RESIDUAL = 1e-4  # relative RMS residual that counts as an exact fit of a clean series
 NOISE_FACTOR = 1.3  # a noisy series is explained when its residual is within this of its noise
 RESTARTS = 8  # perturbed restarts after the given starts
 MAX_NFEV = 60  # residual evaluations per least-squares fit
+STOP_RMS = 1e-6  # a fit stops once its relative RMS residual is this small (an exact fit: IDENTIFIED_RESIDUAL / 100)
+GIVE_UP_AFTER, GIVE_UP_RMS = 15, 0.05  # a whole-series fit still above this after so many evaluations gives way
 WINDOWS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # continuation: the first 32nd of the series, then a 16th, ...
 WHITE_LAGS, WHITE_CHI2 = 5, 20.5  # a residual is noise-like below chi2(5)'s 0.999 quantile (white)
 RANK_TOLERANCE = 1e-8  # smallest singular value of the scaled Jacobian, relative to the largest
 WEAK = 1e-3  # a target whose range moves the residual less than this (relative) is not determined
 KINK_STEP = 1e-4  # a rank-deficient fit's targets are probed by steps of this (of their range) each way
-LAZY_JACOBIAN_FROM = 2  # from this n, a trial point's residual is solved without the sensitivities (_residuals)
 MAX_BLOCK_SIZE = 256  # series per Ray Data task
 MIN_BLOCK_SIZE = 8
 BLOCKS_PER_CPU = 8
@@ -201,8 +203,9 @@ def _multistart(ctx: _FitContext, points: list[np.ndarray]) -> tuple[np.ndarray 
 
 
 def _fit_whole(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
-    """The least-squares fit of the whole series from `start`."""
-    return _fitted(ctx, start, ctx.observed.shape[1])
+    """The least-squares fit of the whole series from `start`; one that is still far off
+    after GIVE_UP_AFTER evaluations (a start out of phase: continuation's case) stops there."""
+    return _fitted(ctx, start, ctx.observed.shape[1], give_up=True)
 
 
 def _fit_by_continuation(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
@@ -216,21 +219,20 @@ def _fit_by_continuation(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
     return x
 
 
-def _fitted(ctx: _FitContext, start: np.ndarray, window: int) -> np.ndarray:
+def _fitted(ctx: _FitContext, start: np.ndarray, window: int, give_up: bool = False) -> np.ndarray:
     """The least-squares fit of the first `window` time points from `start` (free targets,
-    nudged inside the bounds); the nudged start where the optimiser fails."""
-    from scipy.optimize import least_squares
-
+    nudged inside the bounds): raypd.lsq's compiled trust-region reflective fit. It stops at the
+    first point whose relative RMS residual is STOP_RMS or less (an exact fit: more
+    iterations would polish the solver's error), and with `give_up` when after GIVE_UP_AFTER
+    evaluations the residual is still above GIVE_UP_RMS."""
     lo, hi = ctx.lo, ctx.hi
-    evaluate = _residuals(ctx.observed[:, :window], ctx.weights, ctx.problem, ctx.base, window)
     x0 = np.clip(start, lo, hi)
     x0 = np.where(x0 <= lo, lo + 1e-9 * (hi - lo), np.where(x0 >= hi, hi - 1e-9 * (hi - lo), x0))
-    try:
-        return least_squares(lambda x: evaluate(x, False)[0], x0, jac=lambda x: evaluate(x)[1], bounds=(lo, hi),
-                             method="trf", x_scale="jac", max_nfev=MAX_NFEV, ftol=1e-12, xtol=1e-12,
-                             gtol=1e-12).x
-    except (ValueError, np.linalg.LinAlgError, FloatingPointError):
-        return x0
+    problem = ctx.problem
+    x, _, _, _ = lsq.fit(ctx.base, problem.free, lo, hi, ctx.observed[:, :window], ctx.weights, problem.times[:window],
+                         problem.n, x0, problem.rtol, problem.atol, max_nfev=MAX_NFEV, stop_rms=STOP_RMS,
+                         give_up_after=GIVE_UP_AFTER if give_up else 0, give_up_rms=GIVE_UP_RMS)
+    return x
 
 
 def _rms(ctx: _FitContext, x: np.ndarray) -> float:
@@ -351,18 +353,13 @@ def white(residual: np.ndarray, shape) -> bool:
 
 def _residuals(observed: np.ndarray, weights: np.ndarray, problem: FitProblem, base: np.ndarray, window: int):
     """(x, jacobian=True) -> (weighted residual, its Jacobian or None) over the first `window`
-    times, x the free targets. A solve that diverges or hits the step limit gives a large, flat
-    residual, which sends the optimiser back. Both are kept for the last x.
-
-    least_squares asks for the residual at every trial point and for the Jacobian only where
-    it accepts the step (about 65-80% of them). From n = LAZY_JACOBIAN_FROM the residual alone
-    is one solve of the state (ode.solve) and the Jacobian, where asked for, a solve with the
-    sensitivities (ode.solve_with_jacobian: 4x the cost at n=2, 20x at n=3); at n=1 (4x too,
-    but fewer rejected steps) a solve with the sensitivities serves both. Either way the state's
-    steps and values, and so every fit, are the same."""
+    times, x the free targets: what the decisions after a fit look at (the residual's size
+    and whiteness, the Jacobian's rank, standard errors). A solve that diverges or hits the
+    step limit gives the flat residual the fit saw (lsq.FAILED_RESIDUAL). The residual alone
+    is one solve of the state (ode.solve), with the Jacobian one with the sensitivities
+    (ode.solve_with_jacobian: the same state, bit for bit); both are kept for the last x."""
     n, n_p, free = problem.n, ode.num_params(problem.n), problem.free
     times = problem.times[:window]
-    eager = n < LAZY_JACOBIAN_FROM
     last: dict = {}
 
     def evaluate(x, jacobian=True):
@@ -370,7 +367,7 @@ def _residuals(observed: np.ndarray, weights: np.ndarray, problem: FitProblem, b
         if last.get("key") != key:
             last.clear()
             last["key"] = key
-        need_jacobian = (jacobian or eager) and "J" not in last
+        need_jacobian = jacobian and "J" not in last
         if need_jacobian or "r" not in last:
             theta = base.copy()
             theta[free] = x
@@ -381,7 +378,8 @@ def _residuals(observed: np.ndarray, weights: np.ndarray, problem: FitProblem, b
                              else np.zeros((observed.size, int(free.sum()))))
             else:
                 series, ok = ode.solve(params, ic, times, n, problem.rtol, problem.atol)
-            last["r"] = ((series[0] - observed) * weights).ravel() if ok[0] else np.full(observed.size, 1e3)
+            last["r"] = (((series[0] - observed) * weights).ravel() if ok[0]
+                         else np.full(observed.size, lsq.FAILED_RESIDUAL))
         return last["r"], last.get("J")
 
     return evaluate
@@ -410,7 +408,8 @@ def fit_many(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds:
 
 def refine_block(batch: dict, problem: FitProblem, restarts: int) -> dict:
     """Ray Data map_batches body: fit every series of the block (one task)."""
-    ode.warm_up(problem.n)  # loads the compiled solver from numba's cache (once per worker)
+    ode.warm_up(problem.n)  # loads the compiled solver and fit from numba's cache (once per worker)
+    lsq.warm_up(problem.n)
     count = len(batch["row"])
     series = np.stack(list(batch["series"])).reshape(count, 2 * problem.n, -1)
     starts = np.stack(list(batch["starts"]))
@@ -444,6 +443,7 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
     assert starts.ndim == 3 and starts.shape[0] == count, starts.shape
     seeds = np.arange(count) if seeds is None else np.asarray(seeds)
     ode.warm_up(problem.n)
+    lsq.warm_up(problem.n)
     if local is None:
         local = count <= MIN_BLOCK_SIZE
     if local or count == 0:

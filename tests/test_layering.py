@@ -13,7 +13,7 @@ PACKAGE = REPO / "raypd"
 # docs/architecture.md, bottom floor first
 FLOORS = [
     ("cli", "config", "dataio", "cluster", "ode", "intervals"),
-    ("lock", "dataset", "model"),
+    ("lock", "dataset", "model", "lsq"),
     ("generate", "serve", "refine"),
     ("train", "tracking", "mlflow_model"),
     ("tune",),

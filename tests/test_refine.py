@@ -25,8 +25,8 @@ def truths(n, count, seed, mu_range=(0.0, 0.0)):
 
 
 def test_the_sensitivity_jacobian_matches_finite_differences_of_dop853():
-    for n, mu_range in ((1, (-10.0, 0.0)), (2, (-10.0, 0.0))):
-        targets, _ = truths(n, 2, seed=3 + n, mu_range=mu_range)
+    for n, mu_range, count in ((1, (-10.0, 0.0), 2), (2, (-10.0, 0.0), 2), (3, (-10.0, 0.0), 1)):
+        targets, _ = truths(n, count, seed=3 + n, mu_range=mu_range)
         n_p = ode.num_params(n)
         _, jac, ok = ode.solve_with_jacobian(targets[:, :n_p], targets[:, n_p:], TIMES, n, 1e-10, 1e-12)
         assert ok.all()
@@ -46,47 +46,86 @@ def test_the_sensitivity_jacobian_matches_finite_differences_of_dop853():
                     (n, b, c, err.max())
 
 
-def test_a_fit_is_the_same_whether_the_jacobian_comes_with_every_residual_or_only_when_asked(monkeypatch):
-    """From n = LAZY_JACOBIAN_FROM a trial point is solved without the sensitivities and the
-    Jacobian only where least_squares asks for it: the state's solution is the same either
-    way, bit for bit, so every fit, restart and decision is too (n=2, wrong starts, clean and
-    noisy series)."""
-    from raypd import refine as refine_module
+def _fit_case(n, b, spread, seed):
+    """A series from known parameters (mu fixed), a start `spread` (of each range) off, the
+    fit's context and the start's free targets nudged inside the bounds."""
+    from raypd.refine import _FitContext
 
-    targets, series = truths(2, 4, seed=21)
-    problem = FitProblem.from_data_config(DataConfig(n_actions=2, mu_range=(0.0, 0.0)))
-    rng = np.random.default_rng(3)
-    starts = np.clip(targets + rng.normal(size=targets.shape) * 0.2 * (problem.upper - problem.lower),
-                     problem.lower, problem.upper)
-    starts[:, problem.free == False] = 0.0  # noqa: E712 (mu fixed)
-    observed = np.concatenate([series, add_noise(series[:2], 0.02, np.random.default_rng(4))])
-    starts = np.concatenate([starts, starts[:2]])
-    calls = {"solve": 0, "jacobian": 0}
-    solve, with_jacobian = ode.solve, ode.solve_with_jacobian
+    targets, series = truths(n, b + 1, seed=seed)
+    problem = FitProblem.from_data_config(DataConfig(n_actions=n, mu_range=(0.0, 0.0)))
+    span = problem.upper - problem.lower
+    start = np.clip(targets[b] + np.random.default_rng(seed + b).normal(size=span.size) * spread * span,
+                    problem.lower, problem.upper)
+    ctx = _FitContext.of(series[b], start[None], problem)
+    lo, hi = ctx.lo, ctx.hi
+    return problem, ctx, np.clip(ctx.base[problem.free], lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
 
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
 
-    monkeypatch.setattr(ode, "solve", counted("solve", solve))
-    monkeypatch.setattr(ode, "solve_with_jacobian", counted("jacobian", with_jacobian))
-    fits = {}
-    for lazy_from in (1, 99):
-        monkeypatch.setattr(refine_module, "LAZY_JACOBIAN_FROM", lazy_from)
-        calls.update(solve=0, jacobian=0)
-        fits[lazy_from] = [fit_series(o, s[None], problem, restarts=2, seed=i)
-                           for i, (o, s) in enumerate(zip(observed, starts))]
-        if lazy_from == 1:
-            lazy_calls = dict(calls)
-        else:
-            eager_calls = dict(calls)
-    assert eager_calls["solve"] == 0 and lazy_calls["jacobian"] < eager_calls["jacobian"]
-    for lazy, eager in zip(fits[1], fits[99]):
-        for field in ("estimate", "se", "determined"):
-            np.testing.assert_array_equal(getattr(lazy, field), getattr(eager, field))
-        assert (lazy.residual, lazy.identified, lazy.starts) == (eager.residual, eager.identified, eager.starts)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_compiled_fit_accumulates_the_normal_equations_of_the_sensitivity_jacobian(n):
+    """lsq's J^T J and J^T r, accumulated from the sensitivities over the free columns, are
+    those of the weighted Jacobian refine builds from solve_with_jacobian (mu fixed, so some
+    columns are left out), at a point off the truth (a residual that is not zero)."""
+    from raypd import lsq
+
+    problem, ctx, x = _fit_case(n, 0, 0.05, seed=40 + n)
+    r, J = ctx.whole(x)
+    theta = ctx.base.copy()
+    theta[problem.free] = x
+    n_p, index = ode.num_params(n), np.flatnonzero(problem.free)
+    T = problem.times.size
+    series, jac = np.empty((2 * n, T)), np.empty((2 * n, T, theta.size))
+    A, g = np.empty((index.size, index.size)), np.empty(index.size)
+    lsq._normal_equations(theta[:n_p], theta[n_p:], n, problem.times, problem.rtol, problem.atol, 200_000,
+                          ctx.weights.ravel(), index, r.reshape(2 * n, T), series, jac, A, g)
+    assert np.abs(r).max() > 1e-3
+    np.testing.assert_allclose(A, J.T @ J, rtol=1e-12, atol=1e-12 * np.abs(J.T @ J).max())
+    np.testing.assert_allclose(g, J.T @ r, rtol=1e-12, atol=1e-12 * np.abs(J.T @ r).max())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_compiled_fit_takes_the_steps_of_scipys_trust_region_reflective_least_squares(n):
+    """raypd.lsq is least_squares(method="trf", x_scale="jac") ported, run here against scipy on
+    refine's own residual and Jacobian from starts 5% (of each range) off the truth. The first
+    step (trust-region solve, Coleman-Li scaling, step selection at the bounds) is scipy's to
+    rounding at every n; at n=1 so is every iterate of the whole fit, rejected steps and radius
+    updates included. At n=2 and n=3 J is nearly rank-deficient on the way (the eigen-
+    decomposition of J^T J and scipy's SVD of J part there, by 1e-6 of the range within a few
+    steps): the fit ends at least as well as scipy's."""
+    from scipy.optimize import least_squares
+
+    from raypd import lsq
+
+    for b in range(4):
+        problem, ctx, x0 = _fit_case(n, b, 0.05, seed=50 + n)
+        for budget in (2, 60):
+            ours, rms, nfev, njev = lsq.fit(ctx.base, problem.free, ctx.lo, ctx.hi, ctx.observed, ctx.weights,
+                                            problem.times, n, x0, max_nfev=budget)
+            ref = least_squares(lambda x: ctx.whole(x, False)[0], x0, jac=lambda x: ctx.whole(x)[1],
+                                bounds=(ctx.lo, ctx.hi), method="trf", x_scale="jac", max_nfev=budget,
+                                ftol=1e-12, xtol=1e-12, gtol=1e-12)
+            ref_rms = float(np.sqrt(np.mean(ref.fun**2)))
+            assert nfev <= budget and njev <= nfev
+            if budget == 2 or n == 1:
+                assert np.abs(ours - ref.x).max() <= 1e-9 * (ctx.hi - ctx.lo).max(), (b, budget, ours - ref.x)
+                # (the adaptive solver's steps, and so the residual to its tolerance, move with x)
+                assert nfev == ref.nfev and abs(rms - ref_rms) <= 1e-12 + 1e-6 * ref_rms, (b, budget)
+            else:
+                assert rms <= max(1e-9, 1.5 * ref_rms), (b, rms, ref_rms)
+
+
+def test_the_compiled_fit_stops_at_an_exact_fit_and_gives_up_on_a_hopeless_start():
+    """stop_rms ends a fit at the first point that fits to it (fewer evaluations than the
+    fit run to its tolerances); give_up_after ends one still above give_up_rms."""
+    from raypd import lsq
+
+    problem, ctx, x0 = _fit_case(2, 0, 0.05, seed=61)
+    args = (ctx.base, problem.free, ctx.lo, ctx.hi, ctx.observed, ctx.weights, problem.times, 2, x0)
+    _, full_rms, full_nfev, _ = lsq.fit(*args, max_nfev=60)
+    _, rms, nfev, _ = lsq.fit(*args, max_nfev=60, stop_rms=1e-6)
+    assert full_rms < 1e-7 and rms <= 1e-6 and nfev < full_nfev
+    _, rms, nfev, _ = lsq.fit(*args, max_nfev=60, give_up_after=3, give_up_rms=1e-12)
+    assert nfev == 3 and rms > 1e-12
 
 
 def test_a_series_from_known_parameters_is_recovered_from_a_wrong_start():
@@ -233,9 +272,10 @@ def test_a_start_whose_system_diverges_is_a_failed_start_not_a_crash():
     fit = fit_series(series[0], diverging[None], problem, restarts=1)
     assert fit.starts >= 1 and np.isfinite(fit.estimate).all()
     assert fit.identified == bool(fit.residual <= 1e-4 and np.isfinite(fit.se).all())
-    # and it found the truth: the series (mu fixed) determines every target
+    # and it found the truth: the series (mu fixed) determines every target (to what a fit
+    # that stops at a relative RMS residual of refine.STOP_RMS = 1e-6 says of them)
     assert fit.identified and fit.determined.all()
-    np.testing.assert_allclose(fit.estimate, targets[0], atol=1e-6 * (hi - lo).max())
+    np.testing.assert_allclose(fit.estimate, targets[0], atol=1e-4 * (hi - lo).max())
 
 
 def test_conformal_quantiles_are_order_statistics():
