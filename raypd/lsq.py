@@ -477,8 +477,10 @@ def fit(theta: np.ndarray, free: np.ndarray, lower: np.ndarray, upper: np.ndarra
 
 
 def warm_up(n: int) -> None:
-    """Load (or, the first time, compile and cache) the fit for n actions in this process."""
+    """Load (or, the first time, compile and cache) the fit for n actions in this process, and
+    ode.solve_with_jacobian (refine's decisions after a fit)."""
     theta = np.zeros(ode.num_params(n) + ode.num_ic(n))
+    ode.solve_with_jacobian(theta[None, :ode.num_params(n)], theta[None, ode.num_params(n):], np.linspace(0.0, 1.0, 3), n)
     free = np.zeros(theta.size, dtype=bool)
     free[0] = True
     fit(theta, free, -np.ones(1), np.ones(1), np.zeros((2 * n, 3)), np.ones(2 * n), np.linspace(0.0, 1.0, 3), n,
