@@ -9,7 +9,8 @@ identified, and the coverage of the 90% intervals per target (model-only: calibr
 validation split when the run was trained, or here if its checkpoint has none; refined:
 calibrated on --calibration calibration-split series, raypd.refine.calibrate_refined).
 
-Speed: wall time of refine() on Ray Data for two sizes of clean test series, differenced
+Speed: wall time of refine() on Ray Data for two sizes of clean test series (--data's when given),
+with refine's own number of perturbed restarts (--restarts), differenced
 (sizes far apart, so Ray's start-up and the last task's tail cancel), times the CPUs Ray
 used = seconds per series per core; against a baseline measured in the same run: the same
 fits by scipy's least_squares with its own 2-point finite-difference Jacobian (one solve per
@@ -33,7 +34,8 @@ from raypd import ode  # noqa: E402
 from raypd.config import DataConfig, TrainConfig, from_dict  # noqa: E402
 from raypd.dataset import load_dataset, split_ids  # noqa: E402
 from raypd.intervals import DEFAULT_LEVEL, add_noise, coverage  # noqa: E402
-from raypd.refine import CALIBRATION_SERIES, FitProblem, calibrate_refined, refine, refine_with_intervals  # noqa: E402
+from raypd.refine import (CALIBRATION_SERIES, RESTARTS, FitProblem, calibrate_refined, refine,  # noqa: E402
+                          refine_with_intervals)
 from raypd.serve import SavedModel, add_calibration  # noqa: E402
 
 
@@ -66,7 +68,9 @@ def main() -> None:
     p.add_argument("--baseline", type=int, default=40, help="series fitted by the finite-difference baseline")
     p.add_argument("--calibration", type=int, default=CALIBRATION_SERIES,
                    help="calibration-split series (per noise level) that calibrate the refined intervals")
+    p.add_argument("--restarts", type=int, default=RESTARTS, help="perturbed restarts in the timed refine (refine's own)")
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--timing-only", action="store_true", help="skip the calibration and the accuracy table")
     args = p.parse_args()
 
     import ray
@@ -92,11 +96,13 @@ def main() -> None:
     print(f"run {run}: n={config.n_actions}, {len(split['test'])} test series, model test mse {metrics['mse']:.4f}; "
           f"Ray with {cpus:g} CPUs")
 
-    started = time.perf_counter()
-    val = np.random.default_rng(0).permutation(rows["calib"])[: args.calibration]  # the calibration split
-    calibration = calibrate_refined(model.predict, series[val], targets[val], problem, seed=1, progress=False)
-    print(f"refined calibration: {len(val)} calibration-split series x {len(calibration['noise_levels'])} noise levels in "
-          f"{time.perf_counter() - started:.1f} s; identified {np.round(calibration['identified'], 3).tolist()}")
+    if not args.timing_only:
+        started = time.perf_counter()
+        val = np.random.default_rng(0).permutation(rows["calib"])[: args.calibration]  # the calibration split
+        calibration = calibrate_refined(model.predict, series[val], targets[val], problem, seed=1, progress=False)
+        print(f"refined calibration: {len(val)} calibration-split series x {len(calibration['noise_levels'])} noise "
+              f"levels in {time.perf_counter() - started:.1f} s; identified "
+              f"{np.round(calibration['identified'], 3).tolist()}")
 
     test_ids = split["test"][: args.test]
     if args.data:  # fresh series: the run's settings, another seed
@@ -111,7 +117,7 @@ def main() -> None:
         test = rows["test"][: args.test]
     rng = np.random.default_rng(2024)
     table = {}
-    for kind, noise in (("clean", 0.0), ("2% noise", 0.02)):
+    for kind, noise in () if args.timing_only else (("clean", 0.0), ("2% noise", 0.02)):
         observed = add_noise(series[test], noise, rng)
         started = time.perf_counter()
         out = refine_with_intervals([model], observed, problem, calibration, DEFAULT_LEVEL,
@@ -136,12 +142,14 @@ def main() -> None:
 
     if not args.no_timing:
         small, large = args.sizes
-        clean = dataset.series[rows["test"]][:large].astype(np.float64)
+        clean = (series[:large] if args.data else dataset.series[rows["test"]][:large]).astype(np.float64)
         starts = model.predict(clean)[:, None, :]
         walls = {}
+        # untimed first: Ray's workers start and load the compiled code (or compile it, the first time)
+        refine(clean[:small], starts[:small], problem, restarts=args.restarts, progress=False, local=False)
         for size in (small, large):
             started = time.perf_counter()
-            refine(clean[:size], starts[:size], problem, restarts=3, progress=False, local=False)
+            refine(clean[:size], starts[:size], problem, restarts=args.restarts, progress=False, local=False)
             walls[size] = time.perf_counter() - started
         per_core = (walls[large] - walls[small]) / (large - small) * cpus
         started = time.perf_counter()
@@ -152,7 +160,8 @@ def main() -> None:
         started = time.perf_counter()
         refine(clean[: args.baseline], starts[: args.baseline], problem, restarts=0, local=True)
         ours = (time.perf_counter() - started) / args.baseline
-        print(f"speed: refine on Ray Data {small} series {walls[small]:.2f} s, {large} series {walls[large]:.2f} s -> "
+        print(f"speed: refine on Ray Data ({args.restarts} restarts) {small} series {walls[small]:.2f} s, {large} series "
+              f"{walls[large]:.2f} s -> "
               f"{per_core * 1e3:.1f} ms per series per core (x{cpus:g} CPUs, differenced)")
         print(f"       one start, in this process: {ours * 1e3:.1f} ms per series (exact Jacobian) vs "
               f"{base * 1e3:.1f} ms (scipy's finite differences): {base / ours:.2f}x; identified "

@@ -26,6 +26,10 @@ first point whose relative RMS residual is at most stop_rms (an exact fit: more 
 would polish the solver's error) and, with give_up_after > 0, when that many evaluations
 have not brought it under give_up_rms. A solve that diverges or hits the step limit gives a
 flat residual of 1e3 (and a zero Jacobian), which sends the fit back.
+
+numba caches this module's compiled code by this file's time stamp, and that code has
+raypd.ode's solver compiled into it: after editing ode.py, touch this file (or delete
+raypd/__pycache__), or the fit keeps the old solver.
 """
 
 from __future__ import annotations

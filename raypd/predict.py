@@ -10,8 +10,11 @@ params_pred and ic_pred (DESIGN §1 layout), series_resim (the ODE solved from t
 input's times, row-major (channel, time); NaN where the predicted system diverges), and the
 model-only intervals at --level: params_lower, params_upper, ic_lower, ic_upper. With
 --refine also (raypd.refine): params_refined and ic_refined, their intervals
-(params_refined_lower, ...), residual (relative RMS), identified, starts and noise (the
-series' estimated noise).
+(params_refined_lower, ...), residual (relative RMS), identified, starts, noise (the
+series' estimated noise), fit_status (identified; undetermined: the fit explains the series but
+not every target is determined; not fitted: no start explains it) and fit_reason (why not
+identified, in words: "v_2 never above mu_2; not determined: g_2, Pi_21, Pi_22, v0_2",
+"sensitive: ...", "no start explains the series: ...").
 
 Then one float column per target, named by the model's target names (g_1, mu_1, Pi_11,
 Gamma_11, v0_1, m0_1 for n=1): `<target>` (the model's estimate), `<target>_lower`,
@@ -22,7 +25,7 @@ it did not keeps the model's estimate and model-only interval, raypd.refine). Th
 metadata holds raypd_interval_level and raypd_target_names (a JSON list, layout order).
 
 `--out FILE.csv` writes those per-target columns, sample_id and the scalar refine columns
-(residual, identified, starts, noise) as a CSV instead: a header row, comma-separated, floats
+(residual, identified, starts, noise, fit_status, fit_reason) as a CSV instead: a header row, comma-separated, floats
 with the digits that read back the same double (Python's repr), empty for NaN, true/false.
 """
 
@@ -120,11 +123,14 @@ def target_columns(names: list[str], estimate: np.ndarray, lower: np.ndarray | N
 
 def csv_cells(values: np.ndarray) -> list[str]:
     """A column's CSV cells: floats as the shortest text that reads back the same double
-    (repr: 0.1, 1e-07, two bounds 1e-7 apart stay distinct), NaN empty, bools true/false."""
+    (repr: 0.1, 1e-07, two bounds 1e-7 apart stay distinct), NaN empty, bools true/false, text
+    as it is (the csv module quotes it where it holds a comma)."""
     values = np.asarray(values)
     if values.dtype == bool:
         return ["true" if v else "false" for v in values.tolist()]
     if np.issubdtype(values.dtype, np.integer):
+        return [str(v) for v in values.tolist()]
+    if values.dtype == object or values.dtype.kind == "U":  # text (fit_status, fit_reason): as it is
         return [str(v) for v in values.tolist()]
     return ["" if v != v else repr(v) for v in values.astype(np.float64).tolist()]
 
@@ -288,7 +294,7 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
         models = [model] + next_best_models(summary, study_dir)
     n_p = ode.num_params(n)
     names = model.target_names
-    refine_scalars = ("residual", "identified", "starts", "noise")
+    refine_scalars = ("residual", "identified", "starts", "noise", "fit_status", "fit_reason")
 
     def split(name: str, values: np.ndarray) -> dict:
         """params_<name> and ic_<name> columns from (N, n_targets) values."""
@@ -326,7 +332,9 @@ def predict(study: str, root: str | Path, input_path: str | Path, out: str | Pat
             scalars.update({"residual": fitted["residual"].astype(np.float64),
                             "identified": fitted["identified"].astype(bool),
                             "starts": fitted["starts"].astype(np.int64),
-                            "noise": fitted["noise"].astype(np.float64)})
+                            "noise": fitted["noise"].astype(np.float64),
+                            "fit_status": np.asarray(fitted["status"], dtype=object),
+                            "fit_reason": np.asarray(fitted["reason"], dtype=object)})
         return lists, scalars
 
     def table(ids: np.ndarray, series: np.ndarray):

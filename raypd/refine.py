@@ -108,6 +108,8 @@ class Fit:
     starts: int  # starts tried
     se: np.ndarray  # (q,) Gauss-Newton standard errors of the determined targets (NaN for the others; 0 fixed)
     determined: np.ndarray  # (q,) bool: the series determines the target (fixed targets: True, their value is known)
+    status: str = "identified"  # or "undetermined" (explained, not every target determined) or "not fitted"
+    reason: str = ""  # why a series is not identified, in words (_why_undetermined, _why_not_fitted)
 
 
 def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, restarts: int = RESTARTS,
@@ -126,21 +128,71 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
     se = np.full(ctx.base.size, np.nan)
     se[~free] = 0.0  # a fixed target's value is known
     determined = ~free  # the free targets the series determines are set below
-    identified = False
+    identified, status = False, "not fitted"
     if best_x is not None and _explains(ctx, best_x, best_rms):
         r, J = ctx.whole(best_x)
         if _full_rank(J):
-            identified = True
+            identified, status = True, "identified"
             se[free] = _standard_errors(r, J)
             determined = np.ones(ctx.base.size, dtype=bool)
         else:
+            status = "undetermined"
             best_x, best_rms, weak = _hold_weak_targets_at_the_model(ctx, best_x, best_rms)
             se[free], determined[free] = _determined_targets(ctx, best_x, weak)
     theta = ctx.base.copy()
     if best_x is not None:
         theta[free] = best_x
+    reason = {"identified": "", "undetermined": _why_undetermined(problem, theta, determined),
+              "not fitted": _why_not_fitted(ctx, theta, best_rms, tried)}[status]
     return Fit(estimate=theta, residual=best_rms, identified=identified, starts=tried, se=se,
-               determined=determined)
+               determined=determined, status=status, reason=reason)
+
+
+def _why_undetermined(problem: FitProblem, theta: np.ndarray, determined: np.ndarray) -> str:
+    """Why a series the fit explains leaves targets undetermined: the desires that never rise
+    above mu and the efforts that never switch on in the fitted solution (what they hide:
+    g_i, Pi_i. and v(0)_i; Pi_.j and Gamma_.j), then the targets it did not determine."""
+    n, n_p = problem.n, ode.num_params(problem.n)
+    series, ok = ode.solve(theta[None, :n_p], theta[None, n_p:], problem.times, n, problem.rtol, problem.atol)
+    names = ode.param_names(n) + ode.ic_names(n)
+    parts = []
+    if ok[0]:
+        mu = theta[n:2 * n]
+        parts += [f"v_{i + 1} never above mu_{i + 1}" for i in range(n) if not (series[0, i] > mu[i]).any()]
+        parts += [f"m_{j + 1} never above 0" for j in range(n) if not (series[0, n + j] > 0.0).any()]
+    missing = [name for name, d in zip(names, determined) if not d]
+    parts.append("not determined: " + ", ".join(missing) if missing else "a rank-deficient Jacobian at the fit")
+    return "; ".join(parts)
+
+
+SENSITIVE = 0.02  # a solution that moves this much (relative RMS) with the solver's tolerance is chaotic
+
+
+def _why_not_fitted(ctx: _FitContext, theta: np.ndarray, rms: float, tried: int) -> str:
+    """Why no start explains a series: its dynamics at the best fit are sensitive (the ODE's
+    solution there moves by more than SENSITIVE, relative RMS, between the solver's tolerance
+    and one 10,000 times tighter: chaotic, the residual jumps with the smallest change of a
+    target, and no fit settles; a start 1e-3 of each range off the truth ends O(1) off the
+    series), or the fits found nothing better (an optimiser's failure, or a series the model
+    cannot have made)."""
+    moved, rtol = _sensitivity(ctx, theta), ctx.problem.rtol
+    if moved > SENSITIVE:
+        return (f"sensitive: at the best fit the solution moves by {moved:.2g} (relative RMS) between solver "
+                f"tolerances {rtol:g} and {rtol * 1e-4:g}; best residual {rms:.2g}")
+    return f"no start explains the series: best relative RMS residual {rms:.2g} after {tried} starts"
+
+
+def _sensitivity(ctx: _FitContext, theta: np.ndarray) -> float:
+    """How far (relative RMS, the fit's channel weights) the ODE's solution at theta moves
+    between the solver's tolerance and one 10,000 times tighter (0 where either solve fails)."""
+    problem = ctx.problem
+    n, n_p = problem.n, ode.num_params(problem.n)
+    args = (theta[None, :n_p], theta[None, n_p:], problem.times, n)
+    loose, ok_loose = ode.solve(*args, problem.rtol, problem.atol)
+    tight, ok_tight = ode.solve(*args, problem.rtol * 1e-4, problem.atol * 1e-4)
+    if not (ok_loose[0] and ok_tight[0]):
+        return 0.0
+    return float(np.sqrt(np.mean(((loose[0] - tight[0]) * ctx.weights) ** 2)))
 
 
 @dataclass(frozen=True)
@@ -197,8 +249,10 @@ def _multistart(ctx: _FitContext, points: list[np.ndarray], given: int) -> tuple
     models') to the whole series and, if that does not explain it, by continuation; the
     perturbed restarts after them by continuation alone (a restart's whole-series fit
     explained 1 of 36 n=2 series and 0 of 189 n=3 ones that the models' starts left, and cost
-    5-15% of all fitting). Returns the fit with the smallest RMS residual (None where none
-    beats the model's estimate), that residual and the starts tried."""
+    5-15% of all fitting), unless the dynamics at the best fit so far are chaotic (_sensitivity
+    above SENSITIVE: no fit settles there, and the restarts cost 1-2 s per n=3 series for
+    nothing). Returns the fit with the smallest RMS residual (None where none beats the
+    model's estimate), that residual and the starts tried."""
     # the model's estimate, kept unless a fit does better
     best_rms, best_x = _rms(ctx, ctx.base[ctx.problem.free]), None
     tried = 0
@@ -213,6 +267,11 @@ def _multistart(ctx: _FitContext, points: list[np.ndarray], given: int) -> tuple
                 break
         if best_x is not None and _explains(ctx, best_x, best_rms):
             break
+        if tried == given and best_x is not None:  # the models' starts failed: restarts, unless chaotic
+            theta = ctx.base.copy()
+            theta[ctx.problem.free] = best_x
+            if _sensitivity(ctx, theta) > SENSITIVE:
+                break
     return best_x, best_rms, tried
 
 
@@ -417,7 +476,9 @@ def fit_many(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds:
             "identified": np.array([f.identified for f in fits], dtype=bool),
             "starts": np.array([f.starts for f in fits], dtype=np.int64),
             "se": np.array([f.se for f in fits]).reshape(-1, q),
-            "determined": np.array([f.determined for f in fits], dtype=bool).reshape(-1, q)}
+            "determined": np.array([f.determined for f in fits], dtype=bool).reshape(-1, q),
+            "status": np.array([f.status for f in fits], dtype=object),
+            "reason": np.array([f.reason for f in fits], dtype=object)}
 
 
 def refine_block(batch: dict, problem: FitProblem, restarts: int) -> dict:
@@ -444,8 +505,8 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
            restarts: int = RESTARTS, address: str | None = None, progress: bool = True,
            local: bool | None = None) -> dict[str, np.ndarray]:
     """Fit N series (N, 2n, T) from their starts (N, S, q) (starts[:, 0]: the model's
-    estimates). Returns estimate (N, q), residual, identified, starts tried, se (N, q) and
-    determined (N, q) (Fit's fields).
+    estimates). Returns estimate (N, q), residual, identified, starts tried, se (N, q),
+    determined (N, q), status and reason (Fit's fields; status and reason as str objects).
 
     Runs as Ray Data tasks (joining the cluster at `address`/$RAY_ADDRESS or starting a local
     Ray) unless the series fit in one block, or local=True: then in this process.
@@ -480,7 +541,8 @@ def refine(series: np.ndarray, starts: np.ndarray, problem: FitProblem, seeds: n
     q = starts.shape[2]
     out = {"estimate": np.empty((count, q)), "residual": np.empty(count), "identified": np.empty(count, bool),
            "starts": np.empty(count, np.int64), "se": np.empty((count, q)),
-           "determined": np.empty((count, q), bool)}
+           "determined": np.empty((count, q), bool), "status": np.empty(count, object),
+           "reason": np.empty(count, object)}
     bar = progress_bar(count, "refine", progress, unit="series")
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -170,6 +170,39 @@ def test_an_unidentifiable_series_is_flagged_not_invented():
     free = problem.free
     assert not fit.determined[free].any() and fit.determined[~free].all()  # mu is fixed: known
     assert np.isnan(fit.se[free]).all() and (fit.se[~free] == 0).all()
+    assert fit.status == "undetermined" and fit.reason.startswith("v_1 never above mu_1; m_1 never above 0; "), fit
+
+
+def test_a_series_no_start_explains_says_whether_its_dynamics_are_sensitive():
+    """Not fitted, two reasons. A clean series with a foreign spike: no fit explains it, and
+    the dynamics at the fit do not depend on the solver's tolerance. A chaotic one (n=3, the
+    first of 300 stable draws whose rtol-1e-8 solution is O(1) off its rtol-1e-12 one, as
+    refine_breakdown finds them), started 1e-3 of each range off its truth: its residual
+    jumps with the smallest change of a target, no fit settles, and the reason says so."""
+    from raypd.intervals import channel_scale
+    from raypd.refine import SENSITIVE
+
+    problem = FitProblem.from_data_config(N1)
+    targets, series = truths(1, 1, seed=81)
+    spiked = series[0].copy()
+    spiked[:, 100] += 5.0 * spiked.std(axis=1)
+    fit = fit_series(spiked, targets[:1], problem, restarts=0)
+    assert fit.status == "not fitted" and not fit.identified
+    assert fit.reason.startswith("no start explains the series: best relative RMS residual"), fit.reason
+    n = 3
+    params, ic, draws = stable_draws(n, 300, seed=5, mu_range=(0.0, 0.0))
+    tight, ok = ode.solve(params, ic, TIMES, n, 1e-12, 1e-14)
+    moved = np.array([np.sqrt(np.mean(((a - b) / channel_scale(b)[:, None]) ** 2)) for a, b in zip(draws, tight)])
+    assert ok.all() and (moved > 0.1).any()
+    k = int(np.argmax(moved > 0.1))
+    problem = FitProblem.from_data_config(DataConfig(n_actions=n, mu_range=(0.0, 0.0)))
+    truth = np.concatenate([params[k], ic[k]])
+    start = np.clip(truth + 1e-3 * (problem.upper - problem.lower) * np.random.default_rng(1).normal(size=truth.size),
+                    problem.lower, problem.upper)
+    fit = fit_series(draws[k], start[None], problem, restarts=0)
+    assert fit.status == "not fitted", fit
+    assert fit.reason.startswith("sensitive: at the best fit the solution moves by"), fit.reason
+    assert float(fit.reason.split("moves by ")[1].split(" ")[0]) > SENSITIVE
 
 
 HIDDEN_DESIRE = np.array([0.01, 0.0, 1.0, 0.5, -3.84, 1.0])  # g, mu, Pi, Gamma, v0, m0: v < mu = 0 throughout
@@ -203,6 +236,8 @@ def test_a_series_that_hides_its_desire_determines_only_what_it_shows():
                               "m0_1": True}, (start, fit)
         np.testing.assert_allclose(fit.estimate[[3, 5]], HIDDEN_DESIRE[[3, 5]], atol=1e-6)
         assert np.isfinite(fit.se[fit.determined]).all() and np.isnan(fit.se[~fit.determined]).all()
+        assert fit.status == "undetermined"
+        assert fit.reason == "v_1 never above mu_1; not determined: g_1, Pi_11, v0_1", fit.reason
 
 
 class FixedModel:
@@ -344,7 +379,7 @@ def test_refine_on_ray_data_matches_the_fit_in_this_process_and_calibrates():
     starts = np.clip(targets[:24] + rng.normal(size=(24, 6)) * spread, problem.lower, problem.upper)[:, None]
     on_ray = refine(series[:24], starts, problem, local=False, progress=False)
     here = refine(series[:24], starts, problem, local=True)
-    for key in ("estimate", "residual", "identified", "starts", "determined"):
+    for key in ("estimate", "residual", "identified", "starts", "determined", "status", "reason"):
         np.testing.assert_array_equal(on_ray[key], here[key])
     assert on_ray["identified"].mean() >= 0.9
 

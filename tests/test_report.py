@@ -180,6 +180,11 @@ def test_predict_refine_fits_each_series_and_gives_intervals(study, tmp_path):
     assert np.median(np.abs(refined - truth)[identified]) < 1e-4
     assert (np.array(columns["residual"])[identified] < 1e-4).all()
     assert (np.array(columns["starts"]) >= 1).all()
+    # each series' status says what identified does, and a series not identified says why
+    status, reason = np.array(columns["fit_status"]), np.array(columns["fit_reason"])
+    np.testing.assert_array_equal(status == "identified", identified)
+    assert set(status) <= {"identified", "undetermined", "not fitted"} and (reason[identified] == "").all()
+    assert all(r for r in reason[~identified]), reason[~identified]
     # the per-target columns are the list columns
     for suffix, prefix in (("_refined", "refined"), ("_refined_lower", "refined_lower"),
                            ("_refined_upper", "refined_upper")):
@@ -229,6 +234,11 @@ def test_predict_refine_does_not_invent_what_a_series_does_not_show(study, tmp_p
     assert flags == {"g_1": False, "mu_1": True, "Pi_11": False, "Gamma_11": explained, "v0_1": False,
                      "m0_1": explained}, row
     hidden = ("g_1", "Pi_11", "v0_1") + (() if explained else ("Gamma_11", "m0_1"))
+    if explained:  # and says why, in words
+        assert row["fit_status"] == "undetermined", row
+        assert row["fit_reason"] == "v_1 never above mu_1; not determined: g_1, Pi_11, v0_1", row
+    else:
+        assert row["fit_status"] == "not fitted" and row["fit_reason"], row
     for name in hidden:
         assert row[f"{name}_refined"] == row[name]  # the model's estimate
         assert row[f"{name}_refined_lower"] <= row[f"{name}_refined"] <= row[f"{name}_refined_upper"]
