@@ -114,6 +114,35 @@ def test_the_compiled_fit_takes_the_steps_of_scipys_trust_region_reflective_leas
                 assert rms <= max(1e-9, 1.5 * ref_rms), (b, rms, ref_rms)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_clean_fit_far_from_the_series_steers_by_a_looser_jacobian_and_ends_where_the_exact_one_does(n):
+    """Far from the fit (relative RMS residual above refine.LOOSE_ABOVE) a clean series' fit
+    solves the sensitivities at refine.LOOSEN (100) times the tolerances: that Jacobian is the
+    exact one to a few percent (the median column, against the solver's own tolerance; 0.5-6%
+    at n=3, where a wrong term would be O(1)), and from starts 5% off the fit ends at an exact
+    fit where the exact Jacobian's does."""
+    from raypd import lsq
+    from raypd.refine import LOOSE_ABOVE, LOOSEN
+
+    for b in range(3):
+        problem, ctx, x0 = _fit_case(n, b, 0.05, seed=90 + n)
+        theta = ctx.base.copy()
+        theta[problem.free] = x0
+        n_p = ode.num_params(n)
+        _, exact, ok = ode.solve_with_jacobian(theta[None, :n_p], theta[None, n_p:], problem.times, n,
+                                               problem.rtol, problem.atol)
+        _, loose, ok_loose = ode.solve_with_jacobian(theta[None, :n_p], theta[None, n_p:], problem.times, n,
+                                                     problem.rtol * LOOSEN, problem.atol * LOOSEN)
+        assert ok[0] and ok_loose[0]
+        columns = np.linalg.norm((exact[0] - loose[0]).reshape(-1, theta.size), axis=0)
+        scale = np.linalg.norm(exact[0].reshape(-1, theta.size), axis=0)
+        assert np.median(columns / np.maximum(scale, 1e-12 * scale.max())) < 0.1, (b, columns / scale)
+        args = (ctx.base, problem.free, ctx.lo, ctx.hi, ctx.observed, ctx.weights, problem.times, n, x0)
+        _, exact_rms, _, _ = lsq.fit(*args, max_nfev=60, stop_rms=1e-6)
+        _, rms, _, _ = lsq.fit(*args, max_nfev=60, stop_rms=1e-6, loosen=LOOSEN, loose_above=LOOSE_ABOVE)
+        assert (rms <= 1e-6) == (exact_rms <= 1e-6), (b, rms, exact_rms)
+
+
 def test_the_compiled_fit_stops_at_an_exact_fit_and_gives_up_on_a_hopeless_start():
     """stop_rms ends a fit at the first point that fits to it (fewer evaluations than the
     fit run to its tolerances); give_up_after ends one still above give_up_rms."""
