@@ -131,11 +131,13 @@ def main() -> None:
             "model_mse": float(((estimate - truth) ** 2).mean()),
             "refined_mse": float(((out["estimate"] - truth) ** 2).mean()),
             "identified": float(out["identified"].mean()), "starts": float(out["starts"].mean()),
+            "status": {str(k): int(v) for k, v in zip(*np.unique(out["status"].astype(str), return_counts=True))},
             "coverage_model": coverage(lower, upper, truth, names),
             "coverage_refined": coverage(r_lower, r_upper, truth, names)}
         t = table[kind]
         print(f"{kind:>9}: model mse {t['model_mse']:.4f} -> refined {t['refined_mse']:.5f}; identified "
-              f"{t['identified']:.1%}, {t['starts']:.2f} starts per series; {len(test)} series in {seconds:.1f} s")
+              f"{t['identified']:.1%}, {t['starts']:.2f} starts per series; {len(test)} series in {seconds:.1f} s; "
+              f"fit_status {t['status']}")
         for cover in ("coverage_model", "coverage_refined"):
             per = ", ".join(f"{k} {v:.3f}" for k, v in t[cover]["per_target"].items() if v is not None)
             print(f"{'':>11}{cover} {t[cover]['all']:.3f} ({per})")

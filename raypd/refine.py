@@ -67,6 +67,10 @@ LOOSEN, LOOSE_ABOVE = 100.0, 1e-3
 FTOL = 1e-6  # a fit stops when a step lowers the cost by less than this of itself (least_squares' ftol)
 STOP_RMS = 1e-6  # a fit stops once its relative RMS residual is this small (an exact fit: IDENTIFIED_RESIDUAL / 100)
 GIVE_UP_AFTER, GIVE_UP_RMS = 15, 0.05  # a whole-series fit still above this after so many evaluations gives way
+# From this n, a whole-series fit gives up (above) and perturbed restarts skip it: at n=1 the
+# restarts' whole fits identify series (4 of 1,500 fresh ones were lost without them), at n=2
+# and n=3 they identified 1 of 36 and 0 of 189 series for 5-15% of all fitting time
+SHORTCUTS_FROM = 2
 WINDOWS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # continuation: the first 32nd of the series, then a 16th, ...
 WHITE_LAGS, WHITE_CHI2 = 5, 20.5  # a residual is noise-like below chi2(5)'s 0.999 quantile (white)
 RANK_TOLERANCE = 1e-8  # smallest singular value of the scaled Jacobian, relative to the largest
@@ -250,10 +254,10 @@ def _start_points(ctx: _FitContext, starts: np.ndarray, restarts: int, seed: int
 
 def _multistart(ctx: _FitContext, points: list[np.ndarray], given: int) -> tuple[np.ndarray | None, float, int]:
     """Fit from each start in turn until a fit explains the series: the `given` starts (the
-    models') to the whole series and, if that does not explain it, by continuation; the
-    perturbed restarts after them by continuation alone (a restart's whole-series fit
-    explained 1 of 36 n=2 series and 0 of 189 n=3 ones that the models' starts left, and cost
-    5-15% of all fitting), unless the dynamics at the best fit so far are chaotic (_sensitivity
+    models') to the whole series and, if that does not explain it, by continuation; from
+    n = SHORTCUTS_FROM the perturbed restarts after them by continuation alone (a restart's
+    whole-series fit explained 1 of 36 n=2 series and 0 of 189 n=3 ones that the models'
+    starts left, and cost 5-15% of all fitting), unless the dynamics at the best fit so far are chaotic (_sensitivity
     above SENSITIVE: no fit settles there, and the restarts cost 1-2 s per n=3 series for
     nothing). Returns the fit with the smallest RMS residual (None where none beats the
     model's estimate), that residual and the starts tried."""
@@ -262,7 +266,8 @@ def _multistart(ctx: _FitContext, points: list[np.ndarray], given: int) -> tuple
     tried = 0
     for start in points:
         tried += 1
-        for attempt in (_fit_whole, _fit_by_continuation) if tried <= given else (_fit_by_continuation,):
+        whole = tried <= given or ctx.problem.n < SHORTCUTS_FROM
+        for attempt in (_fit_whole, _fit_by_continuation) if whole else (_fit_by_continuation,):
             x = attempt(ctx, start)
             rms = _rms(ctx, x)
             if rms < best_rms:
@@ -280,9 +285,10 @@ def _multistart(ctx: _FitContext, points: list[np.ndarray], given: int) -> tuple
 
 
 def _fit_whole(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
-    """The least-squares fit of the whole series from `start`; one that is still far off
-    after GIVE_UP_AFTER evaluations (a start out of phase: continuation's case) stops there."""
-    return _fitted(ctx, start, ctx.observed.shape[1], give_up=True)
+    """The least-squares fit of the whole series from `start`; from n = SHORTCUTS_FROM one
+    that is still far off after GIVE_UP_AFTER evaluations (a start out of phase:
+    continuation's case) stops there."""
+    return _fitted(ctx, start, ctx.observed.shape[1], give_up=ctx.problem.n >= SHORTCUTS_FROM)
 
 
 def _fit_by_continuation(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
