@@ -131,7 +131,7 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
     one period apart in the whole series' residual; over a short window the phase cannot
     slip, and each longer window starts from a fit that is already in phase."""
     ctx = _FitContext.of(observed, starts, problem)
-    best_x, best_rms, tried = _multistart(ctx, _start_points(ctx, starts, restarts, seed), len(starts))
+    best_x, best_rms, tried, moved = _multistart(ctx, _start_points(ctx, starts, restarts, seed), len(starts))
     free = problem.free
     se = np.full(ctx.base.size, np.nan)
     se[~free] = 0.0  # a fixed target's value is known
@@ -147,11 +147,9 @@ def fit_series(observed: np.ndarray, starts: np.ndarray, problem: FitProblem, re
             status = "undetermined"
             best_x, best_rms, weak = _hold_weak_targets_at_the_model(ctx, best_x, best_rms)
             se[free], determined[free] = _determined_targets(ctx, best_x, weak)
-    theta = ctx.base.copy()
-    if best_x is not None:
-        theta[free] = best_x
+    theta = ctx.theta(best_x)
     reason = {"identified": "", "undetermined": _why_undetermined(problem, theta, determined),
-              "not fitted": _why_not_fitted(ctx, theta, best_rms, tried)}[status]
+              "not fitted": _why_not_fitted(ctx, theta, best_rms, tried, moved)}[status]
     return Fit(estimate=theta, residual=best_rms, identified=identified, starts=tried, se=se,
                determined=determined, status=status, reason=reason)
 
@@ -176,14 +174,14 @@ def _why_undetermined(problem: FitProblem, theta: np.ndarray, determined: np.nda
 SENSITIVE = 0.02  # a solution that moves this much (relative RMS) with the solver's tolerance is chaotic
 
 
-def _why_not_fitted(ctx: _FitContext, theta: np.ndarray, rms: float, tried: int) -> str:
+def _why_not_fitted(ctx: _FitContext, theta: np.ndarray, rms: float, tried: int, moved: float | None) -> str:
     """Why no start explains a series: its dynamics at the best fit are sensitive (the ODE's
     solution there moves by more than SENSITIVE, relative RMS, between the solver's tolerance
     and one 10,000 times tighter: chaotic, the residual jumps with the smallest change of a
     target, and no fit settles; a start 1e-3 of each range off the truth ends O(1) off the
     series), or the fits found nothing better (an optimiser's failure, or a series the model
-    cannot have made)."""
-    moved, rtol = _sensitivity(ctx, theta), ctx.problem.rtol
+    cannot have made). moved: _sensitivity at theta where _multistart measured it."""
+    moved, rtol = _sensitivity(ctx, theta) if moved is None else moved, ctx.problem.rtol
     if moved > SENSITIVE:
         return (f"sensitive: at the best fit the solution moves by {moved:.2g} (relative RMS) between solver "
                 f"tolerances {rtol:g} and {rtol * 1e-4:g}; best residual {rms:.2g}")
@@ -230,6 +228,13 @@ class _FitContext:
                    lo=problem.lower[problem.free], hi=problem.upper[problem.free], base=base,
                    whole=_residuals(observed, weights, problem, base, observed.shape[1]))
 
+    def theta(self, x: np.ndarray | None) -> np.ndarray:
+        """Every target: the model's estimate with the free targets x (none: the model's)."""
+        theta = self.base.copy()
+        if x is not None:
+            theta[self.problem.free] = x
+        return theta
+
 
 def _start_points(ctx: _FitContext, starts: np.ndarray, restarts: int, seed: int) -> list[np.ndarray]:
     """The starts' free targets (clipped to the bounds), then `restarts` perturbed restarts
@@ -252,20 +257,22 @@ def _start_points(ctx: _FitContext, starts: np.ndarray, restarts: int, seed: int
     return points + [draws[i] for i in order[:restarts]]
 
 
-def _multistart(ctx: _FitContext, points: list[np.ndarray], given: int) -> tuple[np.ndarray | None, float, int]:
+def _multistart(ctx: _FitContext, points: list[np.ndarray], given: int
+                ) -> tuple[np.ndarray | None, float, int, float | None]:
     """Fit from each start in turn until a fit explains the series: the `given` starts (the
     models') to the whole series and, if that does not explain it, by continuation; from
     n = SHORTCUTS_FROM the perturbed restarts after them by continuation alone (a restart's
     whole-series fit explained 1 of 36 n=2 series and 0 of 189 n=3 ones that the models'
-    starts left, and cost 5-15% of all fitting), unless the dynamics at the best fit so far are chaotic (_sensitivity
-    above SENSITIVE: no fit settles there, and the restarts cost 1-2 s per n=3 series for
-    nothing). Returns the fit with the smallest RMS residual (None where none beats the
-    model's estimate), that residual and the starts tried."""
+    starts left, and cost 5-15% of all fitting), unless the dynamics at the best fit so far
+    are chaotic (_sensitivity above SENSITIVE: no fit settles there, and the restarts cost
+    1-2 s per n=3 series for nothing). Returns the fit with the smallest RMS residual (None
+    where none beats the model's estimate), that residual, the starts tried and the
+    sensitivity measured at the best fit (None where it was not)."""
     # the model's estimate, kept unless a fit does better
     best_rms, best_x = _rms(ctx, ctx.base[ctx.problem.free]), None
-    tried = 0
+    tried, moved = 0, None
     for start in points:
-        tried += 1
+        tried, moved = tried + 1, None  # (a further start may move the best fit)
         whole = tried <= given or ctx.problem.n < SHORTCUTS_FROM
         for attempt in (_fit_whole, _fit_by_continuation) if whole else (_fit_by_continuation,):
             x = attempt(ctx, start)
@@ -277,11 +284,10 @@ def _multistart(ctx: _FitContext, points: list[np.ndarray], given: int) -> tuple
         if best_x is not None and _explains(ctx, best_x, best_rms):
             break
         if tried == given and best_x is not None:  # the models' starts failed: restarts, unless chaotic
-            theta = ctx.base.copy()
-            theta[ctx.problem.free] = best_x
-            if _sensitivity(ctx, theta) > SENSITIVE:
+            moved = _sensitivity(ctx, ctx.theta(best_x))
+            if moved > SENSITIVE:
                 break
-    return best_x, best_rms, tried
+    return best_x, best_rms, tried, moved
 
 
 def _fit_whole(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
