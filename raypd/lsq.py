@@ -286,7 +286,7 @@ def _select_step(x, B, diag_h, g_h, p, p_h, d, delta, lo, hi, theta, step, step_
 
 @njit(cache=True, error_model="numpy")
 def _fit(theta, n, index, lo, hi, observed, weights, times, rtol, atol, max_steps, x, max_nfev, stop_rms,
-         give_up_after, give_up_rms, ftol, xtol, gtol, counts, loosen, loose_above):
+         give_up_after, give_up_rms, ftol, xtol, gtol, counts):
     """Fit x (the free targets `index` of theta = [params, ic]) in place, from x (strictly
     inside [lo, hi]): scipy's least_squares(method="trf", x_scale="jac", tr_solver="exact")
     step for step, with J's singular values from the eigenvalues of its normal matrix. Returns
@@ -311,8 +311,7 @@ def _fit(theta, n, index, lo, hi, observed, weights, times, rtol, atol, max_step
     if np.sqrt(2.0 * cost / count) <= stop_rms:
         counts[0], counts[1] = nfev, njev
         return np.sqrt(2.0 * cost / count)
-    f = loosen if np.sqrt(2.0 * cost / count) > loose_above else 1.0
-    _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol * f, atol * f, max_steps, weights, index,
+    _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights, index,
                       r, series, jac, A, g)
     njev += 1
     for a in range(k):
@@ -417,8 +416,7 @@ def _fit(theta, n, index, lo, hi, observed, weights, times, rtol, atol, max_step
             delta = new_delta
         if stop or not accepted:  # not accepted: max_nfev evaluations
             break
-        f = loosen if np.sqrt(2.0 * cost / count) > loose_above else 1.0
-        _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol * f, atol * f, max_steps, weights,
+        _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights,
                           index, r, series, jac, A, g)
         njev += 1
         for a in range(k):
@@ -440,23 +438,23 @@ def _cl_scaling(x, g, lo, hi, v, dv):
 
 @njit(cache=True, error_model="numpy")
 def _fit_1(theta, index, lo, hi, observed, weights, times, rtol, atol, max_steps, x, max_nfev, stop_rms,
-           give_up_after, give_up_rms, ftol, xtol, gtol, counts, loosen, loose_above):
+           give_up_after, give_up_rms, ftol, xtol, gtol, counts):
     return _fit(theta, 1, index, lo, hi, observed, weights, times, rtol, atol, max_steps, x, max_nfev, stop_rms,
-                give_up_after, give_up_rms, ftol, xtol, gtol, counts, loosen, loose_above)
+                give_up_after, give_up_rms, ftol, xtol, gtol, counts)
 
 
 @njit(cache=True, error_model="numpy")
 def _fit_2(theta, index, lo, hi, observed, weights, times, rtol, atol, max_steps, x, max_nfev, stop_rms,
-           give_up_after, give_up_rms, ftol, xtol, gtol, counts, loosen, loose_above):
+           give_up_after, give_up_rms, ftol, xtol, gtol, counts):
     return _fit(theta, 2, index, lo, hi, observed, weights, times, rtol, atol, max_steps, x, max_nfev, stop_rms,
-                give_up_after, give_up_rms, ftol, xtol, gtol, counts, loosen, loose_above)
+                give_up_after, give_up_rms, ftol, xtol, gtol, counts)
 
 
 @njit(cache=True, error_model="numpy")
 def _fit_3(theta, index, lo, hi, observed, weights, times, rtol, atol, max_steps, x, max_nfev, stop_rms,
-           give_up_after, give_up_rms, ftol, xtol, gtol, counts, loosen, loose_above):
+           give_up_after, give_up_rms, ftol, xtol, gtol, counts):
     return _fit(theta, 3, index, lo, hi, observed, weights, times, rtol, atol, max_steps, x, max_nfev, stop_rms,
-                give_up_after, give_up_rms, ftol, xtol, gtol, counts, loosen, loose_above)
+                give_up_after, give_up_rms, ftol, xtol, gtol, counts)
 
 
 _ENTRY = {1: _fit_1, 2: _fit_2, 3: _fit_3}
@@ -465,14 +463,11 @@ _ENTRY = {1: _fit_1, 2: _fit_2, 3: _fit_3}
 def fit(theta: np.ndarray, free: np.ndarray, lower: np.ndarray, upper: np.ndarray, observed: np.ndarray,
         weights: np.ndarray, times: np.ndarray, n: int, x0: np.ndarray, rtol: float = 1e-8, atol: float = 1e-10,
         max_nfev: int = 60, stop_rms: float = 0.0, give_up_after: int = 0, give_up_rms: float = np.inf,
-        ftol: float = 1e-12, xtol: float = 1e-12, max_steps: int = 200_000, gtol: float = 1e-12,
-        loosen: float = 1.0, loose_above: float = np.inf) -> tuple[np.ndarray, float, int, int]:
+        ftol: float = 1e-12, xtol: float = 1e-12, max_steps: int = 200_000, gtol: float = 1e-12) -> tuple[np.ndarray, float, int, int]:
     """Fit the free targets (`free`, bool over theta = [params, ic]; the others held at theta's
     values) of the series observed (2n, W) at times (W,), weighted per channel (weights (2n,)),
     from x0 (inside [lower, upper], the free targets' bounds). Returns (x, its relative RMS
-    residual, residual evaluations, sensitivity evaluations). While the relative RMS residual is
-    above loose_above, the sensitivities are solved at `loosen` times the tolerances (an
-    approximate Jacobian; the residual is always solved at rtol, atol)."""
+    residual, residual evaluations, sensitivity evaluations)."""
     x = np.array(x0, dtype=np.float64)
     counts = np.zeros(2, dtype=np.int64)
     rms = _ENTRY[n](np.ascontiguousarray(theta, dtype=np.float64), np.flatnonzero(free).astype(np.int64),
@@ -481,7 +476,7 @@ def fit(theta: np.ndarray, free: np.ndarray, lower: np.ndarray, upper: np.ndarra
                     np.ascontiguousarray(weights, dtype=np.float64).ravel(),
                     np.ascontiguousarray(times, dtype=np.float64), float(rtol), float(atol), int(max_steps), x,
                     int(max_nfev), float(stop_rms), int(give_up_after), float(give_up_rms), float(ftol),
-                    float(xtol), float(gtol), counts, float(loosen), float(loose_above))
+                    float(xtol), float(gtol), counts)
     return x, float(rms), int(counts[0]), int(counts[1])
 
 

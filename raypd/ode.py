@@ -592,11 +592,318 @@ def _record(p, n, q, sensitivities, z, series, jac, k):
             jac[i, k, n + i] = 1.0
 
 
+# The fast path. Between the surfaces where a desire crosses its mu or an effort crosses 0, the
+# system is linear with constant coefficients: x' = A x + b for the regime (which desires bind,
+# which efforts are on), and so is [x, S]: S' = A S + C X, X = [x, 1], where C's column for each
+# target has one entry (d f / d theta is -a_j, 1 or 0). Over an observation interval of length h
+# that stays in one regime the solution is exact: X(t + h) = expm(Abar h) X and
+# S(t + h) = expm(A h) S + G X(t), G = int_0^h expm(A (h - s)) C expm(Abar s) ds, per target.
+# _propagators computes them once per regime (and for h / SUB_INTERVALS), so such an interval
+# costs one small matrix product, where the Dormand-Prince stepper takes many steps, each with
+# seven evaluations of the 2n (1 + q) right-hand side. An interval whose state changes regime at
+# one of SUB_INTERVALS points (and at its end) is walked sub-interval by sub-interval; where a
+# sub-interval's end is in another regime, the first crossing is found on x's Taylor polynomial
+# (bisection then Newton, to 1e-15 of the sub-interval) and [x, S] advances to it by its
+# Taylor series in the old regime, then on in the new one. A sub-interval with more than
+# MAX_CROSSINGS crossings (the state grazing a surface) sends the whole interval to the stepper.
+# Measured on 150 fresh n=3 series at their true targets (this machine): 1.4 ms per series
+# against the stepper's 4.0 ms, and closer to a solve at rtol 1e-12 (median relative error of
+# the Jacobian 6e-7 against the stepper's 3e-5 at rtol 1e-8). A crossing that leaves and
+# re-enters a regime between two of the points is missed (the state grazes the surface; what
+# it changes is second order in the time spent across it).
+
+SUB_INTERVALS = 16  # points per observation interval at which the regime is checked
+TAYLOR_TERMS = 18  # of expm's Taylor series after scaling (|Abar delta| + 1 <= 1: error < 1e-16)
+MAX_CROSSINGS = 8  # per sub-interval; more sends the observation interval to the stepper
+
+
+@njit(cache=True)
+def _regime(p, n, x):
+    """Bit i: desire i binds (v_i > mu_i); bit n + j: effort j is on (m_j > 0)."""
+    mask = 0
+    for i in range(n):
+        if x[i] > p[n + i]:
+            mask |= 1 << i
+        if x[n + i] > 0.0:
+            mask |= 1 << (n + i)
+    return mask
+
+
+@njit(cache=True)
+def _propagators(p, n, mask, h, E_h, E_sub, G_h, G_sub, forced):
+    """The regime's exact propagators over h and h / SUB_INTERVALS: E (2n + 1, 2n + 1) =
+    expm(Abar t) for X = [x, 1], G (q, 2n, 2n + 1) per target (forced[c] False where target c
+    has no forcing in this regime: G is then zero and not written). Scaling and squaring:
+    the Taylor series at delta = h / 2^s with (|Abar| + 1) delta <= 1, then s squarings of the
+    block matrix [[E, 0], [G, E_x]]."""
+    d = 2 * n
+    D = d + 1
+    q = 2 * n + 2 * n * n + d
+    pi0, gamma0 = 2 * n, 2 * n + n * n
+    Ab = np.zeros((D, D))
+    row, col, sign = np.empty(q, np.int64), np.empty(q, np.int64), np.empty(q)
+    for c in range(q):
+        forced[c] = False
+    for i in range(n):
+        Ab[i, d] = p[i]
+        forced[i], row[i], col[i], sign[i] = True, i, d, 1.0  # d v_i' / d g_i = 1
+        if (mask >> i) & 1:
+            Ab[n + i, i] = 1.0
+        else:
+            Ab[n + i, d] = p[n + i]
+            c = n + i  # d m_i' / d mu_i = 1
+            forced[c], row[c], col[c], sign[c] = True, n + i, d, 1.0
+        for j in range(n):
+            if (mask >> (n + j)) & 1:
+                Ab[i, n + j] = -p[pi0 + i * n + j]
+                Ab[n + i, n + j] = -p[gamma0 + i * n + j]
+                c = pi0 + i * n + j  # d v_i' / d Pi_ij = -m_j
+                forced[c], row[c], col[c], sign[c] = True, i, n + j, -1.0
+                c = gamma0 + i * n + j  # d m_i' / d Gamma_ij = -m_j
+                forced[c], row[c], col[c], sign[c] = True, n + i, n + j, -1.0
+    norm = 0.0
+    for i in range(D):
+        total = 0.0
+        for j in range(D):
+            total += abs(Ab[i, j])
+        norm = max(norm, total)
+    s = 4  # at least log2(SUB_INTERVALS): E_sub is one of the squarings
+    while (norm + 1.0) * h > 2.0 ** s:
+        s += 1
+    delta = h / 2.0 ** s
+    K = TAYLOR_TERMS
+    power = np.empty((K + 1, D, D))  # (Abar delta)^k
+    power[0] = np.eye(D)
+    for k in range(1, K + 1):
+        for i in range(D):
+            for j in range(D):
+                total = 0.0
+                for l in range(D):
+                    total += power[k - 1, i, l] * Ab[l, j]
+                power[k, i, j] = total * delta
+    factorial = np.empty(K + 2)
+    factorial[0] = 1.0
+    for k in range(1, K + 2):
+        factorial[k] = factorial[k - 1] * k
+    E = np.zeros((D, D))
+    for k in range(K + 1):
+        for i in range(D):
+            for j in range(D):
+                E[i, j] += power[k, i, j] / factorial[k]
+    # G(delta) for C = sign e_r e_k^T: sign delta sum_{i+j<K} (A delta)^i[:, r] (Abar delta)^j[k, :] / (i+j+1)!
+    #                                = sign delta sum_i (A delta)^i[:, r] beta_i(k)^T
+    beta = np.empty((D, K, D))
+    have_beta = np.zeros(D, dtype=np.bool_)
+    G = np.empty((q, d, D))
+    for c in range(q):
+        if not forced[c]:
+            continue
+        r, k_ = row[c], col[c]
+        if not have_beta[k_]:
+            have_beta[k_] = True
+            for i in range(K):
+                for b in range(D):
+                    total = 0.0
+                    for j in range(K - i):
+                        total += power[j, k_, b] / factorial[i + j + 1]
+                    beta[k_, i, b] = total
+        for a in range(d):
+            for b in range(D):
+                total = 0.0
+                for i in range(K):
+                    total += power[i, a, r] * beta[k_, i, b]
+                G[c, a, b] = total * sign[c] * delta
+    # squaring: [[E, 0], [G, E_x]]^2 = [[E E, 0], [G E + E_x G, E_x E_x]]
+    E2, T = np.empty((D, D)), np.empty((d, D))
+    for step in range(s):
+        if step == s - 4:  # E, G are now those of h / 16
+            E_sub[:, :] = E
+            for c in range(q):
+                if forced[c]:
+                    G_sub[c, :, :] = G[c]
+        for c in range(q):
+            if not forced[c]:
+                continue
+            for a in range(d):
+                for b in range(D):
+                    total = 0.0
+                    for l in range(D):
+                        total += G[c, a, l] * E[l, b]
+                    for l in range(d):
+                        total += E[a, l] * G[c, l, b]
+                    T[a, b] = total
+            G[c, :, :] = T
+        for i in range(D):
+            for j in range(D):
+                total = 0.0
+                for l in range(D):
+                    total += E[i, l] * E[l, j]
+                E2[i, j] = total
+        E[:, :] = E2
+    E_h[:, :] = E
+    for c in range(q):
+        if forced[c]:
+            G_h[c, :, :] = G[c]
+
+
+@njit(cache=True)
+def _propagate(E, G, forced, z, X, scratch, d, q):
+    """z = [x, S] <- [E X, E_x S + G X] (X = [x, 1] at the start)."""
+    D = d + 1
+    for a in range(d):
+        for c in range(q):
+            total = 0.0
+            for l in range(d):
+                total += E[a, l] * z[d + l * q + c]
+            if forced[c]:
+                for b in range(D):
+                    total += G[c, a, b] * X[b]
+            scratch[a * q + c] = total
+    for a in range(d):
+        total = 0.0
+        for b in range(D):
+            total += E[a, b] * X[b]
+        z[a] = total
+    for i in range(d * q):
+        z[d + i] = scratch[i]
+
+
+@njit(cache=True)
+def _linear_derivative(p, n, q, mask, w, out, affine):
+    """out = the regime's right-hand side for [x, S] at w: its linear part, plus (affine) the
+    constant one (g, the mu of desires that do not bind, and their targets' 1s)."""
+    d = 2 * n
+    pi0, gamma0 = 2 * n, 2 * n + n * n
+    for i in range(n):
+        binds = (mask >> i) & 1
+        dv = p[i] if affine else 0.0
+        dm = w[i] if binds else (p[n + i] if affine else 0.0)
+        for j in range(n):
+            if (mask >> (n + j)) & 1:
+                dv -= p[pi0 + i * n + j] * w[n + j]
+                dm -= p[gamma0 + i * n + j] * w[n + j]
+        out[i] = dv
+        out[n + i] = dm
+    for i in range(n):
+        binds = (mask >> i) & 1
+        row_v, row_m = d + i * q, d + (n + i) * q
+        for c in range(q):
+            out[row_v + c] = 0.0
+            out[row_m + c] = w[row_v + c] if binds else 0.0
+        for j in range(n):
+            if (mask >> (n + j)) & 1:
+                src = d + (n + j) * q
+                pi_ij, gamma_ij = p[pi0 + i * n + j], p[gamma0 + i * n + j]
+                for c in range(q):
+                    s_mj = w[src + c]
+                    out[row_v + c] -= pi_ij * s_mj
+                    out[row_m + c] -= gamma_ij * s_mj
+                out[row_v + pi0 + i * n + j] -= w[n + j]
+                out[row_m + gamma0 + i * n + j] -= w[n + j]
+        if affine:
+            out[row_v + i] += 1.0
+            if not binds:
+                out[row_m + n + i] += 1.0
+
+
+@njit(cache=True)
+def _taylor_step(p, n, q, mask, z, sigma, term, next_term, total):
+    """z = [x, S] <- its value sigma later in the regime, by the Taylor series (to 1e-17)."""
+    size = z.shape[0]
+    _linear_derivative(p, n, q, mask, z, term, True)
+    scale = 1.0
+    for i in range(size):
+        term[i] *= sigma
+        total[i] = z[i] + term[i]
+        scale = max(scale, abs(z[i]))
+    for k in range(2, 80):
+        _linear_derivative(p, n, q, mask, term, next_term, False)
+        largest = 0.0
+        for i in range(size):
+            term[i] = next_term[i] * (sigma / k)
+            total[i] += term[i]
+            largest = max(largest, abs(term[i]))
+        if largest <= 1e-17 * scale:
+            break
+    for i in range(size):
+        z[i] = total[i]
+
+
+@njit(cache=True)
+def _first_crossing(p, n, mask, z, length, coeff):
+    """The first time in (0, length] at which x, from z in the regime, crosses a surface whose
+    side at `length` differs from the regime's, and which surface (bit of the mask); (length, -1)
+    where none does. On x's Taylor polynomial (coeff: (terms, 2n) scratch)."""
+    d = 2 * n
+    pi0, gamma0 = 2 * n, 2 * n + n * n
+    for i in range(d):
+        coeff[0, i] = z[i]
+    for k in range(1, coeff.shape[0]):  # coeff[k] = x^(k)(0) / k!
+        for i in range(n):
+            dv = p[i] if k == 1 else 0.0
+            if (mask >> i) & 1:
+                dm = coeff[k - 1, i]
+            else:
+                dm = p[n + i] if k == 1 else 0.0
+            for j in range(n):
+                if (mask >> (n + j)) & 1:
+                    dv -= p[pi0 + i * n + j] * coeff[k - 1, n + j]
+                    dm -= p[gamma0 + i * n + j] * coeff[k - 1, n + j]
+            coeff[k, i] = dv / k
+            coeff[k, n + i] = dm / k
+    first, which = length, -1
+    for c in range(d):
+        level = p[n + c] if c < n else 0.0
+        side = bool((mask >> c) & 1)
+        if (_taylor_value(coeff, c, length) > level) == side:
+            continue
+        lo, hi = 0.0, length  # at lo on the regime's side, at hi not
+        for it in range(100):
+            mid = 0.5 * (lo + hi)
+            value = _taylor_value(coeff, c, mid) - level
+            if (value > 0.0) == side:
+                lo = mid
+            else:
+                hi = mid
+            if it >= 3:  # then Newton from the middle, where it lands inside the bracket
+                slope = _taylor_slope(coeff, c, mid)
+                guess = mid - value / slope if slope != 0.0 else lo
+                if lo < guess < hi:
+                    if (_taylor_value(coeff, c, guess) > level) == side:
+                        lo = guess
+                    else:
+                        hi = guess
+            if hi - lo <= 1e-15 * length:
+                break
+        if hi <= first:
+            first, which = hi, c
+    return first, which
+
+
+@njit(cache=True)
+def _taylor_value(coeff, c, t):
+    value = 0.0
+    for k in range(coeff.shape[0] - 1, -1, -1):
+        value = value * t + coeff[k, c]
+    return value
+
+
+@njit(cache=True)
+def _taylor_slope(coeff, c, t):
+    slope = 0.0
+    for k in range(coeff.shape[0] - 1, 0, -1):
+        slope = slope * t + k * coeff[k, c]
+    return slope
+
+
 @njit(cache=True)
 def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac):
     """solve_into with the sensitivities: series (2n, T) and jac (2n, T, q) of one sample (for
-    compiled callers: solve_with_jacobian() below, raypd.lsq's fit)."""
+    compiled callers: solve_with_jacobian() below, raypd.lsq's fit). By the regimes' exact
+    propagators (the fast path above); rtol, atol and max_steps apply where an interval goes
+    to the stepper."""
     d = 2 * n
+    D = d + 1
     n_p = 2 * n + 2 * n * n  # num_params(n), from n alone: a compile-time constant (_dormand_prince)
     q = n_p + d
     size = d * (1 + q)
@@ -604,7 +911,89 @@ def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac
     for i in range(d):
         z[i] = x0[i]
         z[d + i * q + n_p + i] = 1.0  # dx(0)/dx0 = I
-    return _dormand_prince(p, n, True, times, rtol, atol, max_steps, z, K, y, series, jac)
+    regimes = 1 << d
+    built_for = np.full(regimes, np.nan)  # the h each regime's propagators are for
+    E_h, E_sub = np.empty((regimes, D, D)), np.empty((regimes, D, D))
+    G_h, G_sub = np.empty((regimes, q, d, D)), np.empty((regimes, q, d, D))
+    forced = np.empty((regimes, q), dtype=np.bool_)
+    X, scratch, z_start = np.empty(D), np.empty(d * q), np.empty(size)
+    term, next_term, total = np.empty(size), np.empty(size), np.empty(size)
+    coeff = np.empty((24, d))
+    _record(p, n, q, True, z, series, jac, 0)
+    for k in range(times.shape[0] - 1):
+        h = times[k + 1] - times[k]
+        mask = _regime(p, n, z)
+        if built_for[mask] != h:
+            _propagators(p, n, mask, h, E_h[mask], E_sub[mask], G_h[mask], G_sub[mask], forced[mask])
+            built_for[mask] = h
+        for i in range(d):
+            X[i] = z[i]
+        X[d] = 1.0
+        # does x stay in the regime at the SUB_INTERVALS points?
+        stays = True
+        E = E_sub[mask]
+        for i in range(D):
+            y[i] = X[i]
+        for _ in range(SUB_INTERVALS):
+            for i in range(d):
+                total_i = 0.0
+                for j in range(D):
+                    total_i += E[i, j] * y[j]
+                term[i] = total_i
+            for i in range(d):
+                y[i] = term[i]
+            if _regime(p, n, y) != mask:
+                stays = False
+                break
+        if stays:
+            _propagate(E_h[mask], G_h[mask], forced[mask], z, X, scratch, d, q)
+        else:
+            z_start[:] = z
+            sub = h / SUB_INTERVALS
+            walked = True
+            for _ in range(SUB_INTERVALS):
+                left, crossings = sub, 0
+                while walked:
+                    if built_for[mask] != h:
+                        _propagators(p, n, mask, h, E_h[mask], E_sub[mask], G_h[mask], G_sub[mask], forced[mask])
+                        built_for[mask] = h
+                    for i in range(d):
+                        X[i] = z[i]
+                    if left == sub:  # a whole sub-interval: if its end is in the regime, in one product
+                        E = E_sub[mask]
+                        for i in range(d):
+                            total_i = 0.0
+                            for j in range(D):
+                                total_i += E[i, j] * X[j]
+                            y[i] = total_i
+                        if _regime(p, n, y) == mask:
+                            _propagate(E_sub[mask], G_sub[mask], forced[mask], z, X, scratch, d, q)
+                            break
+                    sigma, surface = _first_crossing(p, n, mask, z, left, coeff)
+                    _taylor_step(p, n, q, mask, z, sigma, term, next_term, total)
+                    if surface < 0:
+                        break
+                    mask ^= 1 << surface  # on the surface: the regime on its other side
+                    left -= sigma
+                    crossings += 1
+                    if left <= 0.0:
+                        break
+                    if crossings > MAX_CROSSINGS:
+                        walked = False
+                if not walked:
+                    break
+            if not walked:  # the stepper, from the interval's start
+                z[:] = z_start
+                if not _dormand_prince(p, n, True, times[k:k + 2], rtol, atol, max_steps, z, K, y,
+                                       series[:, k:k + 2], jac[:, k:k + 2, :]):
+                    return False
+        largest = 0.0
+        for i in range(d):
+            largest = max(largest, abs(z[i]))
+        if not (largest <= DIVERGENCE_BOUND):  # NaN counts as failed too
+            return False
+        _record(p, n, q, True, z, series, jac, k + 1)
+    return True
 
 
 @njit(cache=True)

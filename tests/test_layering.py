@@ -4,7 +4,6 @@ no module takes another's private (underscored) name. `python -m tests.test_laye
 the import arrows."""
 
 import ast
-from pathlib import Path
 
 from tests.conftest import REPO
 

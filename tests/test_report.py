@@ -439,7 +439,7 @@ def test_report_and_predict_refine_wait_for_no_one_while_the_study_is_written(st
                                         "--out", str(tmp_path / "p.parquet"), "--refine"]):
             result = run_cli(*args, "--study", "smoke", "--root", str(tmp_path), timeout=120)
             lines = result.stderr.strip().splitlines()
-            assert result.returncode == 2 and f"is in use by" in lines[-1] and f"pid {holder.pid}" in lines[-1], \
+            assert result.returncode == 2 and "is in use by" in lines[-1] and f"pid {holder.pid}" in lines[-1], \
                 result.stderr[-2000:]
         assert snapshot(tmp_path) == before
     finally:
