@@ -1008,7 +1008,10 @@ def _solve_sens_batch(params, ic, n, times, rtol, atol, max_steps, series, jac, 
 def solve_with_jacobian(params: np.ndarray, ic: np.ndarray, times: np.ndarray, n: int, rtol: float = 1e-8,
                         atol: float = 1e-10, max_steps: int = 200_000
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """solve(), and the derivative of every observation with respect to every target.
+    """solve(), and the derivative of every observation with respect to every target, by
+    the regimes' exact propagators (above): the series differs from solve()'s by solve()'s
+    own error (the propagators' is ~1e-12), the stepper's tolerances rtol, atol and max_steps
+    apply only to an interval that grazes a surface.
 
     Returns (series (B, 2n, T), jac (B, 2n, T, q), ok (B,)); q = num_params(n) + num_ic(n),
     targets in layout order (params then initial conditions); NaN rows where not ok.
