@@ -311,8 +311,8 @@ def _fit(theta, n, index, lo, hi, observed, weights, times, rtol, atol, max_step
     if np.sqrt(2.0 * cost / count) <= stop_rms:
         counts[0], counts[1] = nfev, njev
         return np.sqrt(2.0 * cost / count)
-    _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights, index,
-                      r, series, jac, A, g)
+    _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights, index, r,
+                      series, jac, A, g)
     njev += 1
     for a in range(k):
         scale_inv[a] = np.sqrt(A[a, a]) if A[a, a] > 0.0 else 1.0
@@ -416,8 +416,8 @@ def _fit(theta, n, index, lo, hi, observed, weights, times, rtol, atol, max_step
             delta = new_delta
         if stop or not accepted:  # not accepted: max_nfev evaluations
             break
-        _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights,
-                          index, r, series, jac, A, g)
+        _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights, index, r,
+                          series, jac, A, g)
         njev += 1
         for a in range(k):
             scale_inv[a] = max(scale_inv[a], np.sqrt(A[a, a]))

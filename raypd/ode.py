@@ -374,8 +374,9 @@ def _dormand_prince(p, n, sensitivities, times, rtol, atol, max_steps, z, K, y, 
     Callers pass n and sensitivities as constants, so numba compiles one stepper per pair.
     Without sensitivities q = 0: the sensitivity code drops out and every loop over the state
     has a fixed length and unrolls, which generation's speed depends on. (Measured with
-    numba 0.68: a run-time test of q in place of the flag, or S' in a function of its own
-    called from _derivative, each made solve_with_jacobian 10-19% slower at n=2.)
+    numba 0.68: a run-time test of q in place of the flag made the stepper with sensitivities
+    10-19% slower at n=2; that stepper is now only the exact propagators' fallback, and its S'
+    is _linear_derivative's.)
     """
     d = 2 * n
     # q from n alone (not p's length): a compile-time constant, so the loops over z unroll and
@@ -539,40 +540,11 @@ def solve(
 @njit(cache=True)
 def _derivative(p, n, q, sensitivities, z, K, stage):
     """K[stage] = z' for z = [x (2n), S (2n x q, row-major)]: x' = f(x), then (with
-    sensitivities) S' = (df/dx) S + df/dtheta."""
-    _rhs(p, n, z, K, stage)
-    if not sensitivities:
-        return
-    d = 2 * n
-    pi0, gamma0 = 2 * n, 2 * n + n * n
-    for i in range(n):
-        row_v, row_m = d + i * q, d + (n + i) * q
-        desire_binds = z[i] > p[n + i]  # u_i = v_i; else u_i = mu_i
-        # S_v' = -sum_j Pi_ij [m_j > 0] S_mj, S_m' = [desire binds] S_v - sum_j Gamma_ij [m_j > 0] S_mj:
-        # row by row over the targets, contiguous, so that the loops over c vectorise
-        for c in range(q):
-            K[stage, row_v + c] = 0.0
-        if desire_binds:
-            for c in range(q):
-                K[stage, row_m + c] = z[row_v + c]
-        else:
-            for c in range(q):
-                K[stage, row_m + c] = 0.0
-        for j in range(n):
-            if z[n + j] > 0.0:  # a_j = m_j
-                src = d + (n + j) * q
-                pi_ij, gamma_ij = p[pi0 + i * n + j], p[gamma0 + i * n + j]
-                for c in range(q):
-                    s_mj = z[src + c]
-                    K[stage, row_v + c] -= pi_ij * s_mj
-                    K[stage, row_m + c] -= gamma_ij * s_mj
-        K[stage, row_v + i] += 1.0  # d/d g_i
-        if not desire_binds:
-            K[stage, row_m + n + i] += 1.0  # d/d mu_i
-        for j in range(n):
-            a_j = max(z[n + j], 0.0)
-            K[stage, row_v + pi0 + i * n + j] -= a_j
-            K[stage, row_m + gamma0 + i * n + j] -= a_j
+    sensitivities) S' = (df/dx) S + df/dtheta, in the regime z is in (_linear_derivative)."""
+    if sensitivities:
+        _linear_derivative(p, n, q, _regime(p, n, z), z, K[stage], True)
+    else:
+        _rhs(p, n, z, K, stage)
 
 
 @njit(cache=True)
@@ -612,7 +584,8 @@ def _record(p, n, q, sensitivities, z, series, jac, k):
 # re-enters a regime between two of the points is missed (the state grazes the surface; what
 # it changes is second order in the time spent across it).
 
-SUB_INTERVALS = 16  # points per observation interval at which the regime is checked
+SUB_LEVELS = 4  # the propagators' squarings between h / SUB_INTERVALS and h
+SUB_INTERVALS = 2 ** SUB_LEVELS  # points per observation interval at which the regime is checked
 TAYLOR_TERMS = 18  # of expm's Taylor series after scaling (|Abar delta| + 1 <= 1: error < 1e-16)
 MAX_CROSSINGS = 8  # per sub-interval; more sends the observation interval to the stepper
 
@@ -667,7 +640,7 @@ def _propagators(p, n, mask, h, E_h, E_sub, G_h, G_sub, forced):
         for j in range(D):
             total += abs(Ab[i, j])
         norm = max(norm, total)
-    s = 4  # at least log2(SUB_INTERVALS): E_sub is one of the squarings
+    s = SUB_LEVELS  # at least: E_sub is one of the squarings
     while (norm + 1.0) * h > 2.0 ** s:
         s += 1
     delta = h / 2.0 ** s
@@ -716,7 +689,7 @@ def _propagators(p, n, mask, h, E_h, E_sub, G_h, G_sub, forced):
     # squaring: [[E, 0], [G, E_x]]^2 = [[E E, 0], [G E + E_x G, E_x E_x]]
     E2, T = np.empty((D, D)), np.empty((d, D))
     for step in range(s):
-        if step == s - 4:  # E, G are now those of h / 16
+        if step == s - SUB_LEVELS:  # E, G are now those of h / SUB_INTERVALS
             E_sub[:, :] = E
             for c in range(q):
                 if forced[c]:
@@ -759,13 +732,19 @@ def _propagate(E, G, forced, z, X, scratch, d, q):
                 for b in range(D):
                     total += G[c, a, b] * X[b]
             scratch[a * q + c] = total
-    for a in range(d):
-        total = 0.0
-        for b in range(D):
-            total += E[a, b] * X[b]
-        z[a] = total
+    _advance_state(E, X, z, d)
     for i in range(d * q):
         z[d + i] = scratch[i]
+
+
+@njit(cache=True)
+def _advance_state(E, X, out, d):
+    """out[:d] = x after the propagator E (2n + 1 square) from X = [x, 1]; out is not X."""
+    for i in range(d):
+        total = 0.0
+        for j in range(d + 1):
+            total += E[i, j] * X[j]
+        out[i] = total
 
 
 @njit(cache=True)
@@ -784,6 +763,10 @@ def _linear_derivative(p, n, q, mask, w, out, affine):
                 dm -= p[gamma0 + i * n + j] * w[n + j]
         out[i] = dv
         out[n + i] = dm
+    if q == 0:  # x alone
+        return
+    # S_v' = -sum_j Pi_ij [m_j > 0] S_mj, S_m' = [desire binds] S_v - sum_j Gamma_ij [m_j > 0] S_mj,
+    # row by row over the targets, contiguous, so that the loops over c vectorise
     for i in range(n):
         binds = (mask >> i) & 1
         row_v, row_m = d + i * q, d + (n + i) * q
@@ -835,22 +818,12 @@ def _first_crossing(p, n, mask, z, length, coeff):
     side at `length` differs from the regime's, and which surface (bit of the mask); (length, -1)
     where none does. On x's Taylor polynomial (coeff: (terms, 2n) scratch)."""
     d = 2 * n
-    pi0, gamma0 = 2 * n, 2 * n + n * n
     for i in range(d):
         coeff[0, i] = z[i]
     for k in range(1, coeff.shape[0]):  # coeff[k] = x^(k)(0) / k!
-        for i in range(n):
-            dv = p[i] if k == 1 else 0.0
-            if (mask >> i) & 1:
-                dm = coeff[k - 1, i]
-            else:
-                dm = p[n + i] if k == 1 else 0.0
-            for j in range(n):
-                if (mask >> (n + j)) & 1:
-                    dv -= p[pi0 + i * n + j] * coeff[k - 1, n + j]
-                    dm -= p[gamma0 + i * n + j] * coeff[k - 1, n + j]
-            coeff[k, i] = dv / k
-            coeff[k, n + i] = dm / k
+        _linear_derivative(p, n, 0, mask, coeff[k - 1], coeff[k], k == 1)
+        for i in range(d):
+            coeff[k, i] /= k
     first, which = length, -1
     for c in range(d):
         level = p[n + c] if c < n else 0.0
@@ -935,13 +908,8 @@ def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac
         for i in range(D):
             y[i] = X[i]
         for _ in range(SUB_INTERVALS):
-            for i in range(d):
-                total_i = 0.0
-                for j in range(D):
-                    total_i += E[i, j] * y[j]
-                term[i] = total_i
-            for i in range(d):
-                y[i] = term[i]
+            _advance_state(E, y, term, d)
+            y[:d] = term[:d]
             if _regime(p, n, y) != mask:
                 stays = False
                 break
@@ -960,12 +928,7 @@ def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac
                     for i in range(d):
                         X[i] = z[i]
                     if left == sub:  # a whole sub-interval: if its end is in the regime, in one product
-                        E = E_sub[mask]
-                        for i in range(d):
-                            total_i = 0.0
-                            for j in range(D):
-                                total_i += E[i, j] * X[j]
-                            y[i] = total_i
+                        _advance_state(E_sub[mask], X, y, d)
                         if _regime(p, n, y) == mask:
                             _propagate(E_sub[mask], G_sub[mask], forced[mask], z, X, scratch, d, q)
                             break
