@@ -14,8 +14,9 @@ scipy about half of a fit's time was its own Python per iteration (an SVD of the
 Jacobian, the trust-region bookkeeping).
 
 What differs is how J enters: only through its normal matrix J^T J and the gradient J^T r,
-accumulated from the forward sensitivities (ode.solve_with_jacobian's) over the free targets'
-columns without forming J, and computed only where a step is accepted (a trial point needs
+accumulated from the forward sensitivities (ode.solve_with_jacobian_into's, which carries only
+the free targets': mu fixed, 27 of 30 columns at n=3, 3-7% less time per n=3 series) without
+forming J, and computed only where a step is accepted (a trial point needs
 the state's solve alone). J's singular values and right singular vectors, which the trust-
 region step needs, are the square roots of the eigenvalues and the eigenvectors of the (at
 most 27 x 27) normal matrix; they lose digits where J is nearly rank-deficient (below about
@@ -61,11 +62,12 @@ def _residual(p, ic, n, times, rtol, atol, max_steps, observed, weights, series,
 
 
 @njit(cache=True, error_model="numpy")
-def _normal_equations(p, ic, n, times, rtol, atol, max_steps, weights, index, r, series, jac, A, g):
-    """A = J^T J and g = J^T r over the free targets (`index`) from the sensitivities at (p, ic),
-    r the residual there; zero where the solve fails."""
-    ok = ode.solve_with_jacobian_into(p, ic, n, times, rtol, atol, max_steps, series, jac)
-    k = index.shape[0]
+def _normal_equations(p, ic, n, times, rtol, atol, max_steps, weights, column, r, series, jac, A, g):
+    """A = J^T J and g = J^T r over the free targets from their sensitivities at (p, ic) (jac's
+    columns: column[target] the free target's, -1 for the others), r the residual there; zero
+    where the solve fails."""
+    ok = ode.solve_with_jacobian_into(p, ic, n, times, rtol, atol, max_steps, series, jac, column)
+    k = jac.shape[2]
     for a in range(k):
         g[a] = 0.0
         for b in range(k):
@@ -77,13 +79,13 @@ def _normal_equations(p, ic, n, times, rtol, atol, max_steps, weights, index, r,
         for t in range(times.shape[0]):
             row = jac[c, t]
             for a in range(k):
-                ja = row[index[a]]
+                ja = row[a]
                 if ja == 0.0:
                     continue
                 g[a] += weights[c] * ja * r[c, t]
                 wa = w2 * ja
                 for b in range(a + 1):
-                    A[a, b] += wa * row[index[b]]
+                    A[a, b] += wa * row[b]
     for a in range(k):
         for b in range(a):
             A[b, a] = A[a, b]
@@ -293,7 +295,10 @@ def _fit(theta, n, index, lo, hi, observed, weights, times, rtol, atol, max_step
     the relative RMS residual; counts[:] = residual evaluations, sensitivity evaluations."""
     d_, n_p, steps_t = 2 * n, 2 * n + 2 * n * n, times.shape[0]
     k = index.shape[0]
-    series, jac = np.empty((d_, steps_t)), np.empty((d_, steps_t, n_p + d_))
+    series, jac = np.empty((d_, steps_t)), np.empty((d_, steps_t, k))  # the free targets' sensitivities
+    column = np.full(n_p + d_, -1)  # each target's column in jac
+    for a in range(k):
+        column[index[a]] = a
     K, xs, ys = np.empty((7, d_)), np.empty(d_), np.empty(d_)
     r, r_new = np.empty((d_, steps_t)), np.empty((d_, steps_t))
     A, g, C = np.empty((k, k)), np.empty(k), np.empty((k, k))
@@ -311,7 +316,7 @@ def _fit(theta, n, index, lo, hi, observed, weights, times, rtol, atol, max_step
     if np.sqrt(2.0 * cost / count) <= stop_rms:
         counts[0], counts[1] = nfev, njev
         return np.sqrt(2.0 * cost / count)
-    _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights, index, r,
+    _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights, column, r,
                       series, jac, A, g)
     njev += 1
     for a in range(k):
@@ -416,7 +421,7 @@ def _fit(theta, n, index, lo, hi, observed, weights, times, rtol, atol, max_step
             delta = new_delta
         if stop or not accepted:  # not accepted: max_nfev evaluations
             break
-        _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights, index, r,
+        _normal_equations(trial[:n_p], trial[n_p:], n, times, rtol, atol, max_steps, weights, column, r,
                           series, jac, A, g)
         njev += 1
         for a in range(k):

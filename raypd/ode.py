@@ -384,8 +384,9 @@ def _dormand_prince(p, n, sensitivities, times, rtol, atol, max_steps, z, K, y, 
     q = (2 * n + 2 * n * n + d) if sensitivities else 0
     size = d * (1 + q)
     n_times = times.shape[0]
-    _record(p, n, q, sensitivities, z, series, jac, 0)
-    _derivative(p, n, q, sensitivities, z, K, 0)
+    column = np.arange(q)  # S's column of each target: all of them, in layout order
+    _record(p, n, q, sensitivities, z, series, jac, 0, column)
+    _derivative(p, n, q, sensitivities, z, K, 0, column)
     t = times[0]
     h = min(0.05, times[1] - times[0])
     h_min = 1e-12 * max(1.0, abs(times[n_times - 1]))
@@ -396,24 +397,24 @@ def _dormand_prince(p, n, sensitivities, times, rtol, atol, max_steps, z, K, y, 
         hs = remaining if hit else h
         for i in range(size):
             y[i] = z[i] + hs * (_A21 * K[0, i])
-        _derivative(p, n, q, sensitivities, y, K, 1)
+        _derivative(p, n, q, sensitivities, y, K, 1, column)
         for i in range(size):
             y[i] = z[i] + hs * (_A31 * K[0, i] + _A32 * K[1, i])
-        _derivative(p, n, q, sensitivities, y, K, 2)
+        _derivative(p, n, q, sensitivities, y, K, 2, column)
         for i in range(size):
             y[i] = z[i] + hs * (_A41 * K[0, i] + _A42 * K[1, i] + _A43 * K[2, i])
-        _derivative(p, n, q, sensitivities, y, K, 3)
+        _derivative(p, n, q, sensitivities, y, K, 3, column)
         for i in range(size):
             y[i] = z[i] + hs * (_A51 * K[0, i] + _A52 * K[1, i] + _A53 * K[2, i] + _A54 * K[3, i])
-        _derivative(p, n, q, sensitivities, y, K, 4)
+        _derivative(p, n, q, sensitivities, y, K, 4, column)
         for i in range(size):
             y[i] = z[i] + hs * (_A61 * K[0, i] + _A62 * K[1, i] + _A63 * K[2, i] + _A64 * K[3, i]
                                 + _A65 * K[4, i])
-        _derivative(p, n, q, sensitivities, y, K, 5)
+        _derivative(p, n, q, sensitivities, y, K, 5, column)
         for i in range(size):  # the 5th-order solution; K[6] is its derivative (first same as last)
             y[i] = z[i] + hs * (_B1 * K[0, i] + _B3 * K[2, i] + _B4 * K[3, i] + _B5 * K[4, i]
                                 + _B6 * K[5, i])
-        _derivative(p, n, q, sensitivities, y, K, 6)
+        _derivative(p, n, q, sensitivities, y, K, 6, column)
         err_sq = 0.0
         for i in range(d):
             e = hs * (_E1 * K[0, i] + _E3 * K[2, i] + _E4 * K[3, i] + _E5 * K[4, i] + _E6 * K[5, i]
@@ -434,7 +435,7 @@ def _dormand_prince(p, n, sensitivities, times, rtol, atol, max_steps, z, K, y, 
                 K[0, i] = K[6, i]
             if hit:
                 t = times[k]
-                _record(p, n, q, sensitivities, z, series, jac, k)
+                _record(p, n, q, sensitivities, z, series, jac, k, column)
                 k += 1
             else:
                 t += hs
@@ -538,19 +539,19 @@ def solve(
 
 
 @njit(cache=True)
-def _derivative(p, n, q, sensitivities, z, K, stage):
+def _derivative(p, n, q, sensitivities, z, K, stage, column):
     """K[stage] = z' for z = [x (2n), S (2n x q, row-major)]: x' = f(x), then (with
     sensitivities) S' = (df/dx) S + df/dtheta, in the regime z is in (_linear_derivative)."""
     if sensitivities:
-        _linear_derivative(p, n, q, _regime(p, n, z), z, K[stage], True)
+        _linear_derivative(p, n, q, _regime(p, n, z), z, K[stage], True, column)
     else:
         _rhs(p, n, z, K, stage)
 
 
 @njit(cache=True)
-def _record(p, n, q, sensitivities, z, series, jac, k):
+def _record(p, n, q, sensitivities, z, series, jac, k, column):
     """series[:, k] = [u, a], then (with sensitivities) jac[:, k] = their derivatives with
-    respect to the targets."""
+    respect to the targets that have a column in S (`column`: target -> column, -1 none)."""
     _observe(p, n, z, series, k)
     if not sensitivities:
         return
@@ -560,8 +561,8 @@ def _record(p, n, q, sensitivities, z, series, jac, k):
         for c in range(q):
             jac[i, k, c] = z[d + i * q + c] if desire_binds else 0.0
             jac[n + i, k, c] = z[d + (n + i) * q + c] if effort_on else 0.0
-        if not desire_binds:
-            jac[i, k, n + i] = 1.0
+        if not desire_binds and column[n + i] >= 0:
+            jac[i, k, column[n + i]] = 1.0  # u_i = mu_i
 
 
 # The fast path. Between the surfaces where a desire crosses its mu or an effort crosses 0, the
@@ -603,37 +604,36 @@ def _regime(p, n, x):
 
 
 @njit(cache=True)
-def _propagators(p, n, mask, h, E_h, E_sub, G_h, G_sub, forced):
+def _propagators(p, n, mask, h, E_h, E_sub, G_h, G_sub, forced, column):
     """The regime's exact propagators over h and h / SUB_INTERVALS: E (2n + 1, 2n + 1) =
-    expm(Abar t) for X = [x, 1], G (q, 2n, 2n + 1) per target (forced[c] False where target c
-    has no forcing in this regime: G is then zero and not written). Scaling and squaring:
+    expm(Abar t) for X = [x, 1], G (k, 2n, 2n + 1) per column of S (column[target]: the
+    target's, -1 none; forced[c] False where column c's target has no forcing in this regime:
+    G is then zero and not written). Scaling and squaring:
     the Taylor series at delta = h / 2^s with (|Abar| + 1) delta <= 1, then s squarings of the
     block matrix [[E, 0], [G, E_x]]."""
     d = 2 * n
     D = d + 1
-    q = 2 * n + 2 * n * n + d
     pi0, gamma0 = 2 * n, 2 * n + n * n
     Ab = np.zeros((D, D))
+    # per column of S: its target's forcing in this regime, one entry sign at (row, col) of C
+    q = forced.shape[0]
     row, col, sign = np.empty(q, np.int64), np.empty(q, np.int64), np.empty(q)
     for c in range(q):
         forced[c] = False
     for i in range(n):
         Ab[i, d] = p[i]
-        forced[i], row[i], col[i], sign[i] = True, i, d, 1.0  # d v_i' / d g_i = 1
+        _force(column[i], i, d, 1.0, forced, row, col, sign)  # d v_i' / d g_i = 1
         if (mask >> i) & 1:
             Ab[n + i, i] = 1.0
         else:
             Ab[n + i, d] = p[n + i]
-            c = n + i  # d m_i' / d mu_i = 1
-            forced[c], row[c], col[c], sign[c] = True, n + i, d, 1.0
+            _force(column[n + i], n + i, d, 1.0, forced, row, col, sign)  # d m_i' / d mu_i = 1
         for j in range(n):
             if (mask >> (n + j)) & 1:
                 Ab[i, n + j] = -p[pi0 + i * n + j]
                 Ab[n + i, n + j] = -p[gamma0 + i * n + j]
-                c = pi0 + i * n + j  # d v_i' / d Pi_ij = -m_j
-                forced[c], row[c], col[c], sign[c] = True, i, n + j, -1.0
-                c = gamma0 + i * n + j  # d m_i' / d Gamma_ij = -m_j
-                forced[c], row[c], col[c], sign[c] = True, n + i, n + j, -1.0
+                _force(column[pi0 + i * n + j], i, n + j, -1.0, forced, row, col, sign)  # d v_i' / d Pi_ij = -m_j
+                _force(column[gamma0 + i * n + j], n + i, n + j, -1.0, forced, row, col, sign)  # d m_i' / d Gamma_ij
     norm = 0.0
     for i in range(D):
         total = 0.0
@@ -720,6 +720,13 @@ def _propagators(p, n, mask, h, E_h, E_sub, G_h, G_sub, forced):
 
 
 @njit(cache=True)
+def _force(c, r, k, value, forced, row, col, sign):
+    """Column c's target (c >= 0: it has one) is forced by value x X[k] in x's row r."""
+    if c >= 0:
+        forced[c], row[c], col[c], sign[c] = True, r, k, value
+
+
+@njit(cache=True)
 def _propagate(E, G, forced, z, X, scratch, d, q):
     """z = [x, S] <- [E X, E_x S + G X] (X = [x, 1] at the start)."""
     D = d + 1
@@ -748,9 +755,11 @@ def _advance_state(E, X, out, d):
 
 
 @njit(cache=True)
-def _linear_derivative(p, n, q, mask, w, out, affine):
+def _linear_derivative(p, n, q, mask, w, out, affine, column):
     """out = the regime's right-hand side for [x, S] at w: its linear part, plus (affine) the
-    constant one (g, the mu of desires that do not bind, and their targets' 1s)."""
+    constant one (g, the mu of desires that do not bind, and their targets' 1s). S has q
+    columns, column[target] each target's (-1: the target has none, its sensitivity is not
+    carried)."""
     d = 2 * n
     pi0, gamma0 = 2 * n, 2 * n + n * n
     for i in range(n):
@@ -781,26 +790,33 @@ def _linear_derivative(p, n, q, mask, w, out, affine):
                     s_mj = w[src + c]
                     out[row_v + c] -= pi_ij * s_mj
                     out[row_m + c] -= gamma_ij * s_mj
-                out[row_v + pi0 + i * n + j] -= w[n + j]
-                out[row_m + gamma0 + i * n + j] -= w[n + j]
+                c = column[pi0 + i * n + j]
+                if c >= 0:
+                    out[row_v + c] -= w[n + j]
+                c = column[gamma0 + i * n + j]
+                if c >= 0:
+                    out[row_m + c] -= w[n + j]
         if affine:
-            out[row_v + i] += 1.0
-            if not binds:
-                out[row_m + n + i] += 1.0
+            c = column[i]
+            if c >= 0:
+                out[row_v + c] += 1.0
+            c = column[n + i]
+            if not binds and c >= 0:
+                out[row_m + c] += 1.0
 
 
 @njit(cache=True)
-def _taylor_step(p, n, q, mask, z, sigma, term, next_term, total):
+def _taylor_step(p, n, q, mask, z, sigma, term, next_term, total, column):
     """z = [x, S] <- its value sigma later in the regime, by the Taylor series (to 1e-17)."""
     size = z.shape[0]
-    _linear_derivative(p, n, q, mask, z, term, True)
+    _linear_derivative(p, n, q, mask, z, term, True, column)
     scale = 1.0
     for i in range(size):
         term[i] *= sigma
         total[i] = z[i] + term[i]
         scale = max(scale, abs(z[i]))
     for k in range(2, 80):
-        _linear_derivative(p, n, q, mask, term, next_term, False)
+        _linear_derivative(p, n, q, mask, term, next_term, False, column)
         largest = 0.0
         for i in range(size):
             term[i] = next_term[i] * (sigma / k)
@@ -813,7 +829,7 @@ def _taylor_step(p, n, q, mask, z, sigma, term, next_term, total):
 
 
 @njit(cache=True)
-def _first_crossing(p, n, mask, z, length, coeff):
+def _first_crossing(p, n, mask, z, length, coeff, column):
     """The first time in (0, length] at which x, from z in the regime, crosses a surface whose
     side at `length` differs from the regime's, and which surface (bit of the mask); (length, -1)
     where none does. On x's Taylor polynomial (coeff: (terms, 2n) scratch)."""
@@ -821,7 +837,7 @@ def _first_crossing(p, n, mask, z, length, coeff):
     for i in range(d):
         coeff[0, i] = z[i]
     for k in range(1, coeff.shape[0]):  # coeff[k] = x^(k)(0) / k!
-        _linear_derivative(p, n, 0, mask, coeff[k - 1], coeff[k], k == 1)
+        _linear_derivative(p, n, 0, mask, coeff[k - 1], coeff[k], k == 1, column)
         for i in range(d):
             coeff[k, i] /= k
     first, which = length, -1
@@ -870,20 +886,22 @@ def _taylor_slope(coeff, c, t):
 
 
 @njit(cache=True)
-def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac):
-    """solve_into with the sensitivities: series (2n, T) and jac (2n, T, q) of one sample (for
-    compiled callers: solve_with_jacobian() below, raypd.lsq's fit). By the regimes' exact
-    propagators (the fast path above); rtol, atol and max_steps apply where an interval goes
-    to the stepper."""
+def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac, column):
+    """solve_into with the sensitivities: series (2n, T) and jac (2n, T, k) of one sample, the
+    derivatives by the k targets that have a column (column[target]: its column in jac, -1
+    none; a fit carries only its free targets' sensitivities). For compiled callers:
+    solve_with_jacobian() below, raypd.lsq's fit. By the regimes' exact propagators (the fast
+    path above); rtol, atol and max_steps apply where an interval goes to the stepper."""
     d = 2 * n
     D = d + 1
-    n_p = 2 * n + 2 * n * n  # num_params(n), from n alone: a compile-time constant (_dormand_prince)
-    q = n_p + d
+    n_p = 2 * n + 2 * n * n  # num_params(n)
+    q = jac.shape[2]
     size = d * (1 + q)
-    K, z, y = np.empty((7, size)), np.zeros(size), np.empty(size)
+    z, y = np.zeros(size), np.empty(size)
     for i in range(d):
         z[i] = x0[i]
-        z[d + i * q + n_p + i] = 1.0  # dx(0)/dx0 = I
+        if column[n_p + i] >= 0:
+            z[d + i * q + column[n_p + i]] = 1.0  # dx(0)/dx0 = I
     regimes = 1 << d
     built_for = np.full(regimes, np.nan)  # the h each regime's propagators are for
     E_h, E_sub = np.empty((regimes, D, D)), np.empty((regimes, D, D))
@@ -892,12 +910,12 @@ def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac
     X, scratch, z_start = np.empty(D), np.empty(d * q), np.empty(size)
     term, next_term, total = np.empty(size), np.empty(size), np.empty(size)
     coeff = np.empty((24, d))
-    _record(p, n, q, True, z, series, jac, 0)
+    _record(p, n, q, True, z, series, jac, 0, column)
     for k in range(times.shape[0] - 1):
         h = times[k + 1] - times[k]
         mask = _regime(p, n, z)
         if built_for[mask] != h:
-            _propagators(p, n, mask, h, E_h[mask], E_sub[mask], G_h[mask], G_sub[mask], forced[mask])
+            _propagators(p, n, mask, h, E_h[mask], E_sub[mask], G_h[mask], G_sub[mask], forced[mask], column)
             built_for[mask] = h
         for i in range(d):
             X[i] = z[i]
@@ -923,7 +941,8 @@ def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac
                 left, crossings = sub, 0
                 while walked:
                     if built_for[mask] != h:
-                        _propagators(p, n, mask, h, E_h[mask], E_sub[mask], G_h[mask], G_sub[mask], forced[mask])
+                        _propagators(p, n, mask, h, E_h[mask], E_sub[mask], G_h[mask], G_sub[mask], forced[mask],
+                                     column)
                         built_for[mask] = h
                     for i in range(d):
                         X[i] = z[i]
@@ -932,8 +951,8 @@ def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac
                         if _regime(p, n, y) == mask:
                             _propagate(E_sub[mask], G_sub[mask], forced[mask], z, X, scratch, d, q)
                             break
-                    sigma, surface = _first_crossing(p, n, mask, z, left, coeff)
-                    _taylor_step(p, n, q, mask, z, sigma, term, next_term, total)
+                    sigma, surface = _first_crossing(p, n, mask, z, left, coeff, column)
+                    _taylor_step(p, n, q, mask, z, sigma, term, next_term, total, column)
                     if surface < 0:
                         break
                     mask ^= 1 << surface  # on the surface: the regime on its other side
@@ -945,24 +964,52 @@ def solve_with_jacobian_into(p, x0, n, times, rtol, atol, max_steps, series, jac
                         walked = False
                 if not walked:
                     break
-            if not walked:  # the stepper, from the interval's start
-                z[:] = z_start
-                if not _dormand_prince(p, n, True, times[k:k + 2], rtol, atol, max_steps, z, K, y,
-                                       series[:, k:k + 2], jac[:, k:k + 2, :]):
+            if not walked:  # the stepper, from the interval's start, with every target's column
+                if not _step_interval(p, n, times[k:k + 2], rtol, atol, max_steps, z_start, z, series[:, k:k + 2],
+                                      column):
                     return False
         largest = 0.0
         for i in range(d):
             largest = max(largest, abs(z[i]))
         if not (largest <= DIVERGENCE_BOUND):  # NaN counts as failed too
             return False
-        _record(p, n, q, True, z, series, jac, k + 1)
+        _record(p, n, q, True, z, series, jac, k + 1, column)
+    return True
+
+
+@njit(cache=True)
+def _step_interval(p, n, times, rtol, atol, max_steps, z_start, z, series, column):
+    """z = [x, S] (S's columns: `column`'s) at times[1] from z_start at times[0], by the
+    Dormand-Prince stepper with every target's sensitivity (S's columns are independent: the
+    ones not carried start at 0 and are dropped); series (2n, 2) scratch."""
+    d = 2 * n
+    n_p = 2 * n + 2 * n * n
+    q_all = n_p + d
+    q = (z.shape[0] - d) // d
+    size = d * (1 + q_all)
+    full, K, y = np.zeros(size), np.empty((7, size)), np.empty(size)
+    full[:d] = z_start[:d]
+    for i in range(d):
+        for t in range(q_all):
+            if column[t] >= 0:
+                full[d + i * q_all + t] = z_start[d + i * q + column[t]]
+    jac = np.empty((d, 2, q_all))
+    if not _dormand_prince(p, n, True, times, rtol, atol, max_steps, full, K, y, series, jac):
+        return False
+    z[:d] = full[:d]
+    for t in range(q_all):
+        c = column[t]
+        if c >= 0:
+            for i in range(d):
+                z[d + i * q + c] = full[d + i * q_all + t]
     return True
 
 
 @njit(cache=True)
 def _solve_sens_batch(params, ic, n, times, rtol, atol, max_steps, series, jac, ok):
+    column = np.arange(jac.shape[3])  # every target
     for b in range(params.shape[0]):
-        ok[b] = solve_with_jacobian_into(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], jac[b])
+        ok[b] = solve_with_jacobian_into(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], jac[b], column)
         if not ok[b]:
             series[b, :, :] = np.nan
             jac[b, :, :, :] = np.nan

@@ -58,9 +58,10 @@ def _fit_case(n, b, spread, seed):
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_the_compiled_fit_accumulates_the_normal_equations_of_the_sensitivity_jacobian(n):
-    """lsq's J^T J and J^T r, accumulated from the sensitivities over the free columns, are
-    those of the weighted Jacobian refine builds from solve_with_jacobian (mu fixed, so some
-    columns are left out), at a point off the truth (a residual that is not zero)."""
+    """lsq's J^T J and J^T r, accumulated from the sensitivities of the free targets alone, are
+    those of the weighted Jacobian refine builds from solve_with_jacobian (every target's
+    columns; mu fixed, so some are left out), at a point off the truth (a residual that is
+    not zero)."""
     from raypd import lsq
 
     problem, ctx, x = _fit_case(n, 0, 0.05, seed=40 + n)
@@ -68,11 +69,13 @@ def test_the_compiled_fit_accumulates_the_normal_equations_of_the_sensitivity_ja
     theta = ctx.base.copy()
     theta[problem.free] = x
     n_p, index = ode.num_params(n), np.flatnonzero(problem.free)
+    column = np.full(theta.size, -1)
+    column[index] = np.arange(index.size)
     T = problem.times.size
-    series, jac = np.empty((2 * n, T)), np.empty((2 * n, T, theta.size))
+    series, jac = np.empty((2 * n, T)), np.empty((2 * n, T, index.size))
     A, g = np.empty((index.size, index.size)), np.empty(index.size)
     lsq._normal_equations(theta[:n_p], theta[n_p:], n, problem.times, problem.rtol, problem.atol, 200_000,
-                          ctx.weights.ravel(), index, r.reshape(2 * n, T), series, jac, A, g)
+                          ctx.weights.ravel(), column, r.reshape(2 * n, T), series, jac, A, g)
     assert np.abs(r).max() > 1e-3
     np.testing.assert_allclose(A, J.T @ J, rtol=1e-12, atol=1e-12 * np.abs(J.T @ J).max())
     np.testing.assert_allclose(g, J.T @ r, rtol=1e-12, atol=1e-12 * np.abs(J.T @ r).max())
