@@ -61,9 +61,12 @@ RESTARTS = 8  # perturbed restarts after the given starts
 RESTART_DRAWS = 16  # draws per perturbed restart to find stable ones among
 MAX_NFEV = 60  # residual evaluations per least-squares fit
 FTOL = 1e-6  # a fit stops when a step lowers the cost by less than this of itself (least_squares' ftol)
-# ... and a continuation's fit of a window short of the whole series at this: it only starts the
-# next window's. On 150 + 150 n=3 and 300 n=2 fresh series, clean and with 2% noise, the same
-# number identified (1,050 series: -1) in 4-20% less time (noisy n=3 windows ran ~40 evaluations)
+# ... and, on a noisy series, a continuation's fit of a window short of the whole series at this:
+# it only starts the next window's, and each such fit of a noisy n=3 series ran ~40 evaluations
+# polishing its fit to the noise. With 2% noise: 150 + 150 n=3 series 130 + 134 -> 132 + 134
+# identified, n=2 (300) 282 -> 281, in 9-19% less time. (On clean series, where a window's fit
+# mostly ends at the exact-fit stop, it cost identification: 150 n=3 133 -> 131, 1,500 1,333 ->
+# 1,328, for 4% of the time.)
 WINDOW_FTOL = 1e-4
 STOP_RMS = 1e-6  # a fit stops once its relative RMS residual is this small (an exact fit: IDENTIFIED_RESIDUAL / 100)
 GIVE_UP_AFTER, GIVE_UP_RMS = 15, 0.05  # a whole-series fit still above this after so many evaluations gives way
@@ -312,7 +315,7 @@ def _fit_by_continuation(ctx: _FitContext, start: np.ndarray) -> np.ndarray:
     abandon = max(ABANDON_RMS, 4 * ctx.threshold) if ctx.problem.n >= SHORTCUTS_FROM else np.inf
     x = start
     for window in windows + [steps]:
-        x, rms = _fitted(ctx, x, window, partial=window < steps)
+        x, rms = _fitted(ctx, x, window, partial=window < steps and ctx.threshold > IDENTIFIED_RESIDUAL)
         if window >= ABANDON_FROM * steps and rms > abandon:
             break
     return x
@@ -324,7 +327,8 @@ def _fitted(ctx: _FitContext, start: np.ndarray, window: int, give_up: bool = Fa
     nudged inside the bounds): raypd.lsq's compiled trust-region reflective fit. It stops at the
     first point whose relative RMS residual is STOP_RMS or less (an exact fit: more
     iterations would polish the solver's error), when a step gains less than FTOL of the cost
-    (WINDOW_FTOL for a `partial` window of a continuation: its fit only starts the next), and
+    (WINDOW_FTOL for a `partial` window of a noisy series' continuation: its fit only starts
+    the next), and
     with `give_up` when after GIVE_UP_AFTER evaluations the residual is still above
     GIVE_UP_RMS. Returns the fit and its relative RMS residual over the window."""
     lo, hi = ctx.lo, ctx.hi
