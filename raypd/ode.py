@@ -1006,8 +1006,7 @@ def _step_interval(p, n, times, rtol, atol, max_steps, z_start, z, series, colum
 
 
 @njit(cache=True)
-def _solve_sens_batch(params, ic, n, times, rtol, atol, max_steps, series, jac, ok):
-    column = np.arange(jac.shape[3])  # every target
+def _solve_sens_batch(params, ic, n, times, rtol, atol, max_steps, series, jac, ok, column):
     for b in range(params.shape[0]):
         ok[b] = solve_with_jacobian_into(params[b], ic[b], n, times, rtol, atol, max_steps, series[b], jac[b], column)
         if not ok[b]:
@@ -1016,24 +1015,30 @@ def _solve_sens_batch(params, ic, n, times, rtol, atol, max_steps, series, jac, 
 
 
 def solve_with_jacobian(params: np.ndarray, ic: np.ndarray, times: np.ndarray, n: int, rtol: float = 1e-8,
-                        atol: float = 1e-10, max_steps: int = 200_000
+                        atol: float = 1e-10, max_steps: int = 200_000, targets: np.ndarray | None = None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """solve(), and the derivative of every observation with respect to every target, by
-    the regimes' exact propagators (above): the series differs from solve()'s by solve()'s
-    own error (the propagators' is ~1e-12), the stepper's tolerances rtol, atol and max_steps
-    apply only to an interval that grazes a surface.
+    """solve(), and the derivative of every observation with respect to every target (or to
+    `targets` alone, indices into the layout, in their order: only their sensitivities are
+    carried, as a fit carries its free targets'), by the regimes' exact propagators (above):
+    the series differs from solve()'s by solve()'s own error (the propagators' is ~1e-12),
+    the stepper's tolerances rtol, atol and max_steps apply only to an interval that grazes
+    a surface.
 
-    Returns (series (B, 2n, T), jac (B, 2n, T, q), ok (B,)); q = num_params(n) + num_ic(n),
-    targets in layout order (params then initial conditions); NaN rows where not ok.
+    Returns (series (B, 2n, T), jac (B, 2n, T, k), ok (B,)); k = len(targets), by default
+    q = num_params(n) + num_ic(n), targets in layout order (params then initial conditions);
+    NaN rows where not ok.
     """
     params = np.ascontiguousarray(params, dtype=np.float64).reshape(-1, num_params(n))
     ic = np.ascontiguousarray(ic, dtype=np.float64).reshape(-1, num_ic(n))
     times = np.ascontiguousarray(times, dtype=np.float64)
     q = num_params(n) + num_ic(n)
+    targets = np.arange(q) if targets is None else np.asarray(targets, dtype=np.int64)
+    column = np.full(q, -1, dtype=np.int64)  # each target's column in jac
+    column[targets] = np.arange(targets.size)
     series = np.empty((params.shape[0], 2 * n, times.shape[0]))
-    jac = np.empty((params.shape[0], 2 * n, times.shape[0], q))
+    jac = np.empty((params.shape[0], 2 * n, times.shape[0], targets.size))
     ok = np.empty(params.shape[0], dtype=np.bool_)
-    _entry(n, 3)(params, ic, times, float(rtol), float(atol), int(max_steps), series, jac, ok)
+    _entry(n, 3)(params, ic, times, float(rtol), float(atol), int(max_steps), series, jac, ok, column)
     return series, jac, ok
 
 
@@ -1144,18 +1149,18 @@ def _solve_batch_3(params, ic, times, rtol, atol, max_steps, series, ok):
 
 
 @njit(cache=True)
-def _solve_sens_batch_1(params, ic, times, rtol, atol, max_steps, series, jac, ok):
-    _solve_sens_batch(params, ic, 1, times, rtol, atol, max_steps, series, jac, ok)
+def _solve_sens_batch_1(params, ic, times, rtol, atol, max_steps, series, jac, ok, column):
+    _solve_sens_batch(params, ic, 1, times, rtol, atol, max_steps, series, jac, ok, column)
 
 
 @njit(cache=True)
-def _solve_sens_batch_2(params, ic, times, rtol, atol, max_steps, series, jac, ok):
-    _solve_sens_batch(params, ic, 2, times, rtol, atol, max_steps, series, jac, ok)
+def _solve_sens_batch_2(params, ic, times, rtol, atol, max_steps, series, jac, ok, column):
+    _solve_sens_batch(params, ic, 2, times, rtol, atol, max_steps, series, jac, ok, column)
 
 
 @njit(cache=True)
-def _solve_sens_batch_3(params, ic, times, rtol, atol, max_steps, series, jac, ok):
-    _solve_sens_batch(params, ic, 3, times, rtol, atol, max_steps, series, jac, ok)
+def _solve_sens_batch_3(params, ic, times, rtol, atol, max_steps, series, jac, ok, column):
+    _solve_sens_batch(params, ic, 3, times, rtol, atol, max_steps, series, jac, ok, column)
 
 
 @njit(cache=True)

@@ -65,8 +65,8 @@ FTOL = 1e-6  # a fit stops when a step lowers the cost by less than this of itse
 # it only starts the next window's, and each such fit of a noisy n=3 series ran ~40 evaluations
 # polishing its fit to the noise. With 2% noise: 150 + 150 n=3 series 130 + 134 -> 132 + 134
 # identified, n=2 (300) 282 -> 281, in 9-19% less time. (On clean series, where a window's fit
-# mostly ends at the exact-fit stop, it cost identification: 150 n=3 133 -> 131, 1,500 1,333 ->
-# 1,328, for 4% of the time.)
+# mostly ends at the exact-fit stop, it cost identification, 150 n=3 series 133 -> 131, for 4%
+# of the time: they keep FTOL.)
 WINDOW_FTOL = 1e-4
 STOP_RMS = 1e-6  # a fit stops once its relative RMS residual is this small (an exact fit: IDENTIFIED_RESIDUAL / 100)
 GIVE_UP_AFTER, GIVE_UP_RMS = 15, 0.05  # a whole-series fit still above this after so many evaluations gives way
@@ -328,9 +328,8 @@ def _fitted(ctx: _FitContext, start: np.ndarray, window: int, give_up: bool = Fa
     first point whose relative RMS residual is STOP_RMS or less (an exact fit: more
     iterations would polish the solver's error), when a step gains less than FTOL of the cost
     (WINDOW_FTOL for a `partial` window of a noisy series' continuation: its fit only starts
-    the next), and
-    with `give_up` when after GIVE_UP_AFTER evaluations the residual is still above
-    GIVE_UP_RMS. Returns the fit and its relative RMS residual over the window."""
+    the next), and with `give_up` when after GIVE_UP_AFTER evaluations the residual is still
+    above GIVE_UP_RMS. Returns the fit and its relative RMS residual over the window."""
     lo, hi = ctx.lo, ctx.hi
     x0 = np.clip(start, lo, hi)
     x0 = np.where(x0 <= lo, lo + 1e-9 * (hi - lo), np.where(x0 >= hi, hi - 1e-9 * (hi - lo), x0))

@@ -150,33 +150,19 @@ def test_the_sensitivity_solve_follows_dop853_through_many_regime_switches():
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_a_fit_s_columns_are_the_whole_jacobian_s(n):
     """raypd.lsq's fit carries only the free targets' sensitivities (solve_with_jacobian_into
-    with a column per free target, -1 for the others): S's columns are independent, so those
-    columns are the whole solve's, bit for bit, in any order (here mu fixed, and the rest
-    reversed)."""
-    from numba import njit
-
+    with a column per free target, -1 for the others; `targets` here): S's columns are
+    independent, so those columns are the whole solve's, bit for bit, in any order (here mu
+    left out, and the rest reversed)."""
     params, ic, _ = stable_draws(n, 6, seed=5)
     q = ode.num_params(n) + ode.num_ic(n)
     free = np.ones(q, dtype=bool)
     free[n:2 * n] = False  # mu
-    index = np.flatnonzero(free)[::-1]
-    column = np.full(q, -1)
-    column[index] = np.arange(index.size)
-
-    @njit
-    def some_columns(params, ic, times, column, series, jac, ok):
-        for b in range(params.shape[0]):
-            ok[b] = ode.solve_with_jacobian_into(params[b], ic[b], n, times, 1e-8, 1e-10, 200_000, series[b], jac[b],
-                                                 column)
-
-    series = np.empty((len(params), 2 * n, TIMES.size))
-    jac = np.empty((len(params), 2 * n, TIMES.size, index.size))
-    ok = np.empty(len(params), dtype=bool)
-    some_columns(params, ic, TIMES, column, series, jac, ok)
+    targets = np.flatnonzero(free)[::-1]
+    series, jac, ok = ode.solve_with_jacobian(params, ic, TIMES, n, targets=targets)
     whole_series, whole_jac, whole_ok = ode.solve_with_jacobian(params, ic, TIMES, n)
-    assert ok.all() and whole_ok.all()
+    assert ok.all() and whole_ok.all() and jac.shape[-1] == targets.size
     assert np.array_equal(series, whole_series)
-    assert np.array_equal(jac, whole_jac[..., index])
+    assert np.array_equal(jac, whole_jac[..., targets])
 
 
 def test_equilibrium_stays_put():
