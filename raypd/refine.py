@@ -487,8 +487,9 @@ def _residuals(observed: np.ndarray, weights: np.ndarray, problem: FitProblem, b
         theta[free] = x
         params, ic = theta[None, :n_p], theta[None, n_p:]
         if jacobian and "J" not in last:
-            _, jac, ok = ode.solve_with_jacobian(params, ic, times, n, problem.rtol, problem.atol)
-            last["J"] = ((jac[0][:, :, free] * weights[:, :, None]).reshape(observed.size, -1) if ok[0]
+            _, jac, ok = ode.solve_with_jacobian(params, ic, times, n, problem.rtol, problem.atol,
+                                                 targets=np.flatnonzero(free))  # the free targets' alone
+            last["J"] = ((jac[0] * weights[:, :, None]).reshape(observed.size, -1) if ok[0]
                          else np.zeros((observed.size, int(free.sum()))))
         if "r" not in last:
             series, ok = ode.solve(params, ic, times, n, problem.rtol, problem.atol)
