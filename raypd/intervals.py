@@ -16,6 +16,7 @@ takes the next one up (never narrower than asked).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -75,16 +76,43 @@ def conformal_quantiles(scores: np.ndarray) -> list[list[float]]:
     return out
 
 
+NOISE_LAGS = 16  # noise_level's second differences span lags 1..NOISE_LAGS
+
+
 def noise_level(series: np.ndarray) -> np.ndarray:
     """Estimated observation noise of series (..., 2n, T), relative to each channel's std, as
-    one RMS number per series: a robust (median absolute deviation) estimate from second
-    differences, which a smooth trajectory makes small and white noise makes 6 sigma^2 in
-    variance. A clean series gives ~0 (its settled stretches dominate the median)."""
+    one RMS number per series: per channel, a robust (median absolute deviation) estimate from
+    the second differences x(t) - 2 x(t - P) + x(t - 2P) at the lag P = 1..NOISE_LAGS that
+    gives the smallest (white noise makes each of them 6 sigma^2 in variance; a smooth
+    trajectory makes the lag-1 ones small, and an oscillation sampled a few times a period,
+    which the lag-1 ones take for noise (n=3: 31% of clean fresh series above 0.1), those at
+    its period), divided by that minimum's mean on white noise of the series' length (the
+    smallest of several estimates is low: 0.85 at 201 points). A clean series gives ~0 (its
+    settled stretches dominate the median)."""
     series = np.asarray(series, dtype=np.float64)
-    second = np.diff(series, n=2, axis=-1)
+    return np.sqrt(np.mean((_smallest_lag_sigma(series) / _white_noise_mean(series.shape[-1])
+                            / channel_scale(series)) ** 2, axis=-1))
+
+
+def _smallest_lag_sigma(series: np.ndarray) -> np.ndarray:
+    """Per channel, the smallest over the lags of 1.4826 MAD(second differences) / sqrt(6),
+    each lag's over the same first T - 2 x (the largest lag) points (one median for all)."""
+    steps = series.shape[-1]
+    lags = max(1, min(NOISE_LAGS, (steps - 1) // 4))  # >= 2 lag-spans of points at the largest
+    span = max(steps - 2 * lags, 1)
+    second = np.stack([series[..., 2 * lag:2 * lag + span] - 2.0 * series[..., lag:lag + span] + series[..., :span]
+                       for lag in range(1, lags + 1)])
     mad = np.median(np.abs(second - np.median(second, axis=-1, keepdims=True)), axis=-1)
-    sigma = 1.4826 * mad / np.sqrt(6.0)
-    return np.sqrt(np.mean((sigma / channel_scale(series)) ** 2, axis=-1))
+    return (1.4826 / np.sqrt(6.0)) * mad.min(axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _white_noise_mean(steps: int) -> float:
+    """_smallest_lag_sigma's mean on unit white noise of `steps` points (2,000 seeded draws);
+    1 below 9 points (one lag: the estimate is the lag-1 one, which is not biased)."""
+    if steps < 9:
+        return 1.0
+    return float(_smallest_lag_sigma(np.random.default_rng(0).normal(size=(2000, steps))).mean())
 
 
 def channel_scale(series: np.ndarray) -> np.ndarray:

@@ -146,6 +146,27 @@ def test_a_series_from_known_parameters_is_recovered_from_a_wrong_start():
         assert np.isfinite(fit.se).all()
 
 
+def test_noise_level_sees_through_oscillations_sampled_a_few_times_a_period():
+    """Closed-form series: a slow decay and oscillations of period 3, 5 and 7.5 samples (n=3
+    has them: sampled at dt = 1 they look like noise to lag-1 second differences, which put
+    these at 0.4-1.3 of the channel's std), clean and with white noise of known level."""
+    t = np.arange(201.0)
+    rng = np.random.default_rng(3)
+    phase = rng.uniform(0, 2 * np.pi, size=(300, 1))
+    channels = [4.0 * np.exp(-t / 40.0) + 1.0, np.cos(2 * np.pi * t / 3 + phase),
+                (1 + np.exp(-t / 150)) * np.sin(2 * np.pi * t / 5 + phase), np.cos(2 * np.pi * t / 7.5 + phase)]
+    series = np.stack(np.broadcast_arrays(*channels), axis=1)  # (300, 4, 201)
+    assert noise_level(series).max() < 0.01
+    for level in (0.01, 0.02, 0.05):
+        estimate = noise_level(add_noise(series, level, rng))
+        # the level, and a little more: the signal's own second differences add to the noise's
+        # at the lag that annihilates it best (5-10% at 1%-5% noise here and on n=1-3 series)
+        assert abs(estimate.mean() / level - 1) < 0.15 and np.quantile(estimate, 0.99) < 1.3 * level, \
+            (level, estimate.mean(), np.quantile(estimate, 0.99))
+    white = rng.normal(size=(2000, 2, 201))
+    assert abs(noise_level(white).mean() - 1) < 0.02  # noise relative to a noise channel's std: 1
+
+
 def test_noise_level_is_estimated_and_a_noisy_series_is_fitted_to_it():
     targets, series = truths(1, 6, seed=12)
     noisy = add_noise(series, 0.02, np.random.default_rng(5))
