@@ -90,29 +90,37 @@ def noise_level(series: np.ndarray) -> np.ndarray:
     smallest of several estimates is low: 0.85 at 201 points). A clean series gives ~0 (its
     settled stretches dominate the median)."""
     series = np.asarray(series, dtype=np.float64)
-    return np.sqrt(np.mean((_smallest_lag_sigma(series) / _white_noise_mean(series.shape[-1])
-                            / channel_scale(series)) ** 2, axis=-1))
+    flat = series.reshape(-1, *series.shape[-2:])
+    # 32 series at a time: a chunk's differences stay in cache (3x faster than all at once)
+    sigma = np.concatenate([_smallest_lag_sigma(flat[i:i + 32]) for i in range(0, len(flat), 32)]
+                           ).reshape(series.shape[:-1]) if len(flat) else np.zeros(series.shape[:-1])
+    return np.sqrt(np.mean((sigma / _white_noise_mean(series.shape[-1]) / channel_scale(series)) ** 2, axis=-1))
 
 
 def _smallest_lag_sigma(series: np.ndarray) -> np.ndarray:
     """Per channel, the smallest over the lags of 1.4826 MAD(second differences) / sqrt(6),
-    each lag's over the same first T - 2 x (the largest lag) points (one median for all)."""
+    each lag's over the same first points, an odd number (T - 2 x the largest lag, or one
+    fewer): their median is one partition."""
     steps = series.shape[-1]
+    if steps < 3:  # no second difference
+        return np.full(series.shape[:-1], np.nan)
     lags = max(1, min(NOISE_LAGS, (steps - 1) // 4))  # >= 2 lag-spans of points at the largest
     span = max(steps - 2 * lags, 1)
+    span -= 1 - span % 2
     second = np.stack([series[..., 2 * lag:2 * lag + span] - 2.0 * series[..., lag:lag + span] + series[..., :span]
                        for lag in range(1, lags + 1)])
-    mad = np.median(np.abs(second - np.median(second, axis=-1, keepdims=True)), axis=-1)
-    return (1.4826 / np.sqrt(6.0)) * mad.min(axis=0)
+    middle = span // 2
+    deviation = np.abs(second - np.partition(second, middle, axis=-1)[..., middle:middle + 1])
+    return (1.4826 / np.sqrt(6.0)) * np.partition(deviation, middle, axis=-1)[..., middle].min(axis=0)
 
 
 @functools.lru_cache(maxsize=None)
 def _white_noise_mean(steps: int) -> float:
-    """_smallest_lag_sigma's mean on unit white noise of `steps` points (2,000 seeded draws);
+    """_smallest_lag_sigma's mean on unit white noise of `steps` points (256 seeded draws: to 0.4%);
     1 below 9 points (one lag: the estimate is the lag-1 one, which is not biased)."""
     if steps < 9:
         return 1.0
-    return float(_smallest_lag_sigma(np.random.default_rng(0).normal(size=(2000, steps))).mean())
+    return float(_smallest_lag_sigma(np.random.default_rng(0).normal(size=(256, steps))).mean())
 
 
 def channel_scale(series: np.ndarray) -> np.ndarray:
