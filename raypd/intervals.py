@@ -99,19 +99,21 @@ def noise_level(series: np.ndarray) -> np.ndarray:
 
 def _smallest_lag_sigma(series: np.ndarray) -> np.ndarray:
     """Per channel, the smallest over the lags of 1.4826 MAD(second differences) / sqrt(6),
-    each lag's over the same first points, an odd number (T - 2 x the largest lag, or one
-    fewer): their median is one partition."""
+    each lag's over all its points (an odd number: one fewer where even; its median is one
+    partition)."""
     steps = series.shape[-1]
     if steps < 3:  # no second difference
         return np.full(series.shape[:-1], np.nan)
-    lags = max(1, min(NOISE_LAGS, (steps - 1) // 4))  # >= 2 lag-spans of points at the largest
-    span = max(steps - 2 * lags, 1)
-    span -= 1 - span % 2
-    second = np.stack([series[..., 2 * lag:2 * lag + span] - 2.0 * series[..., lag:lag + span] + series[..., :span]
-                       for lag in range(1, lags + 1)])
-    middle = span // 2
-    deviation = np.abs(second - np.partition(second, middle, axis=-1)[..., middle:middle + 1])
-    return (1.4826 / np.sqrt(6.0)) * np.partition(deviation, middle, axis=-1)[..., middle].min(axis=0)
+    smallest = None
+    for lag in range(1, max(1, min(NOISE_LAGS, (steps - 1) // 4)) + 1):  # >= 2 lag-spans of points
+        span = steps - 2 * lag
+        span -= 1 - span % 2
+        second = series[..., 2 * lag:2 * lag + span] - 2.0 * series[..., lag:lag + span] + series[..., :span]
+        middle = span // 2
+        deviation = np.abs(second - np.partition(second, middle, axis=-1)[..., middle:middle + 1])
+        sigma = np.partition(deviation, middle, axis=-1)[..., middle]
+        smallest = sigma if smallest is None else np.minimum(smallest, sigma)
+    return (1.4826 / np.sqrt(6.0)) * smallest
 
 
 @functools.lru_cache(maxsize=None)
