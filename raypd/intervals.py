@@ -91,7 +91,7 @@ def noise_level(series: np.ndarray) -> np.ndarray:
     settled stretches dominate the median)."""
     series = np.asarray(series, dtype=np.float64)
     flat = series.reshape(-1, *series.shape[-2:])
-    # 32 series at a time: a chunk's differences stay in cache (3x faster than all at once)
+    # 32 series at a time: a chunk's differences stay in cache (1.4-1.6x faster than all at once)
     sigma = np.concatenate([_smallest_lag_sigma(flat[i:i + 32]) for i in range(0, len(flat), 32)]
                            ).reshape(series.shape[:-1]) if len(flat) else np.zeros(series.shape[:-1])
     return np.sqrt(np.mean((sigma / _white_noise_mean(series.shape[-1]) / channel_scale(series)) ** 2, axis=-1))
